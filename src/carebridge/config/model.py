@@ -1,0 +1,113 @@
+"""Master data and rules as the workflows see them, once loaded and validated.
+
+The loaders in this package build a :class:`Configuration` from a folder of
+versioned YAML and CSV files; everything here is read-only afterwards.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass, field
+from decimal import Decimal
+from enum import StrEnum
+
+
+class AccountType(StrEnum):
+    """The five account classes of double-entry bookkeeping."""
+
+    ASSET = "asset"
+    LIABILITY = "liability"
+    EQUITY = "equity"
+    REVENUE = "revenue"
+    EXPENSE = "expense"
+
+
+@dataclass(frozen=True, slots=True)
+class Account:
+    """A general-ledger account from the chart of accounts.
+
+    ``ledger_name`` is the beancount account name, e.g.
+    ``Assets:Receivable:Patients``; its root must match ``type``.
+    """
+
+    number: str
+    name: str
+    type: AccountType
+    ledger_name: str
+
+
+@dataclass(frozen=True, slots=True)
+class Department:
+    """A clinical department and the cost center its amounts are charged to."""
+
+    code: str
+    name: str
+    cost_center: str
+    revenue_account: str
+    supply_expense_account: str
+
+
+@dataclass(frozen=True, slots=True)
+class ChargeItem:
+    """One chargemaster (CDM) line.
+
+    ``origin`` names the file and line the item was loaded from.
+    """
+
+    charge_code: str
+    description: str
+    price: Decimal
+    revenue_code: str | None
+    hcpcs: str | None
+    department: str | None
+    origin: str
+
+
+@dataclass(frozen=True, slots=True)
+class ChargemasterVersion:
+    """Identity of the chargemaster in force: its id, start date and checksum."""
+
+    version_id: str
+    effective_from: dt.date
+    checksum: str
+
+
+@dataclass(frozen=True, slots=True)
+class SupplyItem:
+    """An item-master entry for a stocked supply."""
+
+    item_code: str
+    description: str
+    unit_cost: Decimal
+    chargeable: bool
+    charge_code: str | None
+    implant: bool
+
+
+@dataclass(frozen=True, slots=True)
+class ChargeRules:
+    """Limits that decide whether a service can be charged automatically."""
+
+    earliest_service_date: dt.date
+    latest_service_date: dt.date | None
+    max_units: Decimal
+    currency: str
+
+
+@dataclass(frozen=True, slots=True)
+class Configuration:
+    """Everything the workflows need from master data and rules."""
+
+    accounts: dict[str, Account]
+    departments: dict[str, Department]
+    receivable_account: str
+    inventory_account: str
+    chargemaster: dict[str, ChargeItem]
+    chargemaster_version: ChargemasterVersion
+    crosswalk: dict[tuple[str, str], str]
+    revenue_code_ranges: tuple[tuple[str, str, str], ...]
+    revenue_code_departments: dict[str, str]
+    encounter_class_departments: dict[str, str]
+    supply_items: dict[tuple[str, str], SupplyItem]
+    rules: ChargeRules
+    sources: tuple[str, ...] = field(default=())

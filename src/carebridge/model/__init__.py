@@ -1,0 +1,31 @@
+"""Canonical records shared by every layer; imports nothing else of carebridge."""
+
+from carebridge.model.records import (
+    NULL,
+    CanonicalBatch,
+    ChargeLine,
+    Encounter,
+    Guarantor,
+    Null,
+    Patient,
+    Service,
+    ServiceKind,
+    SupplyIssue,
+    SupplyUse,
+    TransactionType,
+)
+
+__all__ = [
+    "NULL",
+    "CanonicalBatch",
+    "ChargeLine",
+    "Encounter",
+    "Guarantor",
+    "Null",
+    "Patient",
+    "Service",
+    "ServiceKind",
+    "SupplyIssue",
+    "SupplyUse",
+    "TransactionType",
+]
