@@ -51,7 +51,10 @@ class Department:
 class ChargeItem:
     """One chargemaster (CDM) line.
 
-    ``origin`` names the file and line the item was loaded from.
+    ``origin`` names the file and line the item was loaded from. ``hcpcs`` is
+    the bare five-character CPT/HCPCS code; modifiers the hospital appended in
+    the same cell (``71046TC``, ``7311026RT``) are in ``modifiers`` and a
+    multiplier (``86003 X16``) in ``hcpcs_units``.
     """
 
     charge_code: str
@@ -61,6 +64,8 @@ class ChargeItem:
     hcpcs: str | None
     department: str | None
     origin: str
+    modifiers: tuple[str, ...] = ()
+    hcpcs_units: int = 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,3 +116,6 @@ class Configuration:
     supply_items: dict[tuple[str, str], SupplyItem]
     rules: ChargeRules
     sources: tuple[str, ...] = field(default=())
+    chargemaster_problems: tuple[str, ...] = field(default=())
+    version: str = ""
+    effective_from: dt.date | None = None

@@ -14,6 +14,8 @@ CVX = "CVX"
 RXNORM = "RXNORM"
 NDC = "NDC"
 LOCAL = "LOCAL"
+CDM = "CDM"
+"""Not an external system: the code is already a house chargemaster code."""
 
 _ALIASES = {
     "http://snomed.info/sct": SNOMED,

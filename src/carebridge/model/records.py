@@ -48,6 +48,7 @@ class ServiceKind(StrEnum):
     MEDICATION = "medication"
     FINANCIAL_TRANSACTION = "financial_transaction"  # HL7 FT1
     CHARGE_ITEM = "charge_item"  # FHIR ChargeItem
+    SUPPLY = "supply"  # the billable side of a chargeable supply
 
 
 class TransactionType(StrEnum):

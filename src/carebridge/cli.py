@@ -1,0 +1,238 @@
+"""The ``carebridge`` command."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import click
+
+from carebridge.config import load_configuration
+from carebridge.engine.job import JobOptions, run_job
+from carebridge.errors import CarebridgeError
+from carebridge.store.db import DEFAULT_DATABASE, open_engine, sqlite_url
+
+log = logging.getLogger(__name__)
+
+
+def bundled(*parts: str) -> Path:
+    """Return the path of a file or folder shipped in the package."""
+    return Path(str(resources.files("carebridge").joinpath(*parts)))
+
+
+DEMO_INPUTS = ("synthea/csv", "hl7v2", "synthea/fhir")
+
+
+class Progress:
+    """A progress bar on stderr, one stage at a time; silent when stderr is no TTY."""
+
+    def __init__(self, enabled: bool) -> None:
+        self.enabled = enabled and sys.stderr.isatty()
+        self.stage: str | None = None
+        self.bar: Any = None
+        self.shown = 0
+
+    def __call__(self, stage: str, done: int, total: int) -> None:
+        if not self.enabled:
+            return
+        if stage != self.stage:
+            self.close()
+            self.stage = stage
+            label = {"ingest": "Storing raw messages", "process": "Processing"}[stage]
+            self.bar = click.progressbar(length=max(total, 1), label=label, file=sys.stderr)
+            self.bar.__enter__()
+            self.shown = 0
+        self.bar.update(done - self.shown)
+        self.shown = done
+
+    def close(self) -> None:
+        """Finish the current bar."""
+        if self.bar is not None:
+            self.bar.__exit__(None, None, None)
+            self.bar = None
+
+
+def print_summary(summary: dict[str, Any]) -> None:
+    """Print a run summary for a person."""
+    accounted = summary["services_accounted"]
+    charges = summary["charges"]
+    supplies = summary["supply_postings"]
+    journals = summary["journals"]
+    items = summary["work_items"]
+    lines = [
+        "",
+        f"carebridge run {summary['run_id']}  ({summary['database']})",
+        f"  messages read        {summary['messages_read']:>8}   "
+        f"({summary['duplicates']} duplicates, {summary['messages_failed']} failed)",
+    ]
+    for fmt, count in summary.get("messages_by_format", {}).items():
+        lines.append(f"    {fmt:<28}{count:>6}")
+    lines += [
+        f"  services             {summary['services']:>8}   = {accounted['charged']} charged"
+        f" + {accounted['work_items']} work items + {accounted['duplicates']} duplicates"
+        f"  [{'holds' if accounted['identity_holds'] else 'BROKEN'}]",
+        f"  charge lines         {charges['count']:>8}   total {charges['total']} "
+        f"({charges['from_services']} from services, {charges['from_supplies']} from supplies)",
+        f"  supply postings      {supplies['count']:>8}   cost {supplies['total_cost']}",
+        f"  journals             {journals['count']:>8}   debit {journals['debit_total']}"
+        f" credit {journals['credit_total']}"
+        f"  [{'balanced' if journals['balanced'] else 'NOT BALANCED'}]",
+        f"  work items           {items['total']:>8}",
+    ]
+    for reason, count in items["by_reason"].items():
+        lines.append(f"    {reason:<28}{count:>6}")
+    check = summary.get("ledger_check")
+    if check is not None:
+        lines.append(f"  ledger check         {'ok' if check['ok'] else 'FAILED'}")
+    lines.append(
+        f"  elapsed              {summary['elapsed_seconds']:>8} s "
+        f"({summary['messages_per_second']} messages/s)"
+    )
+    for name, path in summary["outputs"].items():
+        lines.append(f"  {name:<21}{path}")
+    click.echo("\n".join(lines))
+
+
+def emit(summary: dict[str, Any], as_json: bool) -> None:
+    """Print ``summary`` as one JSON object or as text."""
+    if as_json:
+        click.echo(json.dumps(summary, indent=2, sort_keys=True))
+    else:
+        print_summary(summary)
+
+
+def config_option(function: Any) -> Any:
+    """Add ``--config DIR`` to a command."""
+    return click.option(
+        "--config",
+        "config_dir",
+        type=click.Path(file_okay=False, exists=True, path_type=Path),
+        default=None,
+        help="Configuration folder (carebridge.yaml and its files). "
+        "Default: the configuration bundled with the demo.",
+    )(function)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("-v", "--verbose", count=True, help="Log more: -v for INFO, -vv for DEBUG.")
+def main(verbose: int) -> None:
+    """carebridge turns clinical messages into the finance work they imply.
+
+    It stores each HL7 v2, FHIR R4 or Synthea CSV message verbatim, maps it to
+    canonical records, prices services against the chargemaster, issues
+    supplies from inventory, and posts balanced journals. What cannot be
+    posted becomes a work item with a reason code.
+    """
+    level = [logging.WARNING, logging.INFO, logging.DEBUG][min(verbose, 2)]
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+
+
+@main.command()
+@click.option(
+    "--out",
+    "out_dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=Path("carebridge-demo"),
+    show_default=True,
+    help="Folder for the journal CSV, beancount ledger, charge lines and work items.",
+)
+@click.option(
+    "--db",
+    "db_url",
+    default=None,
+    help="SQLAlchemy URL of the database. Default: a fresh SQLite file "
+    "OUT/carebridge.db, replaced on every run. Give a URL to keep data "
+    "between runs.",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as one JSON object.")
+@config_option
+def demo(out_dir: Path, db_url: str | None, as_json: bool, config_dir: Path | None) -> None:
+    """Run the main job on the real public data bundled with carebridge.
+
+    Reads Synthea CSV exports and FHIR R4 bundles (synthetic patients) and
+    public HL7 v2 samples, then writes priced charges, supply postings and
+    balanced journals. The summary shows where every service went:
+    services = charged + work items + duplicates.
+    """
+    if db_url is None:
+        database = out_dir / "carebridge.db"
+        for suffix in ("", "-wal", "-shm"):
+            Path(f"{database}{suffix}").unlink(missing_ok=True)
+        db_url = sqlite_url(database)
+    paths = [bundled("demo", "data", *part.split("/")) for part in DEMO_INPUTS]
+    _run(paths, out_dir, db_url, as_json, config_dir, command="demo", source="demo")
+
+
+@main.command()
+@click.argument(
+    "paths", nargs=-1, required=True, type=click.Path(exists=True, path_type=Path)
+)
+@click.option(
+    "--db",
+    "db_url",
+    default=None,
+    help=f"SQLAlchemy URL of the database. Default: SQLite file ./{DEFAULT_DATABASE}.",
+)
+@click.option(
+    "--out",
+    "out_dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Also write the journal CSV, beancount ledger, charges and work items here.",
+)
+@click.option("--source", default="files", show_default=True,
+              help="Source name recorded with every message.")
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as one JSON object.")
+@config_option
+def ingest(
+    paths: tuple[Path, ...],
+    db_url: str | None,
+    out_dir: Path | None,
+    source: str,
+    as_json: bool,
+    config_dir: Path | None,
+) -> None:
+    """Ingest your own files: HL7 v2 (.hl7), FHIR JSON (.json), Synthea CSV.
+
+    PATHS are files or folders. Every message is stored before it is
+    processed; a message seen before is recorded as a duplicate and not
+    posted again.
+    """
+    _run(list(paths), out_dir, db_url or sqlite_url(DEFAULT_DATABASE), as_json,
+         config_dir, command="ingest", source=source)
+
+
+def _run(
+    paths: list[Path],
+    out_dir: Path | None,
+    db_url: str,
+    as_json: bool,
+    config_dir: Path | None,
+    *,
+    command: str,
+    source: str,
+) -> None:
+    progress = Progress(enabled=not as_json)
+    try:
+        config = load_configuration(config_dir or bundled("demo", "config"))
+        engine = open_engine(db_url)
+        summary = run_job(
+            engine, config, JobOptions(paths=paths, out_dir=out_dir, source=source),
+            command=command, progress=progress,
+        )
+    except CarebridgeError as exc:
+        progress.close()
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(exc.exit_code)
+    progress.close()
+    emit(summary, as_json)
+    if not summary["journals"]["balanced"] or not summary["services_accounted"]["identity_holds"]:
+        sys.exit(3)
+
+
+if __name__ == "__main__":
+    main()

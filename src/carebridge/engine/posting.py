@@ -1,0 +1,107 @@
+"""Post journals for charge lines and supply issues not yet journaled.
+
+Journals, their lines and the ``journal_id`` marks on the posted records
+commit in one transaction, so a record is journaled exactly once however
+often posting runs.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+from collections import defaultdict
+from dataclasses import dataclass
+
+from sqlalchemy import Engine, func, insert, select
+
+from carebridge.config.model import Configuration
+from carebridge.store.schema import charge_lines, journal_lines, journals, supply_issues
+from carebridge.workflows.journals import build_journals, charge_posting, supply_posting
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class PostingResult:
+    """What one posting pass wrote."""
+
+    batch: int | None
+    journals: int
+    lines: int
+
+
+def post_journals(engine: Engine, config: Configuration) -> PostingResult:
+    """Journal every unjournaled charge line and supply issue in one batch."""
+    with engine.begin() as conn:
+        charges = conn.execute(
+            select(charge_lines).where(charge_lines.c.journal_id.is_(None))
+        ).mappings().all()
+        issues = conn.execute(
+            select(supply_issues).where(supply_issues.c.journal_id.is_(None))
+        ).mappings().all()
+        postings = [charge_posting(dict(row), config.receivable_account) for row in charges]
+        postings += [supply_posting(dict(row)) for row in issues]
+        if not postings:
+            return PostingResult(batch=None, journals=0, lines=0)
+
+        drafts = build_journals(postings, config)
+        batch = (conn.execute(select(func.max(journals.c.posting_batch))).scalar() or 0) + 1
+        now = dt.datetime.now(dt.UTC)
+        line_count = 0
+        for draft in drafts:
+            journal_id = conn.execute(
+                insert(journals).values(
+                    journal_key=(
+                        f"{batch}:{draft.posting_date.isoformat()}:"
+                        f"{draft.department}:{draft.currency}"
+                    ),
+                    posting_batch=batch,
+                    posting_date=draft.posting_date,
+                    department=draft.department,
+                    cost_center=draft.cost_center,
+                    currency=draft.currency,
+                    total_debit=draft.total_debit,
+                    total_credit=draft.total_credit,
+                    created_at=now,
+                )
+            ).inserted_primary_key[0]
+            conn.execute(
+                insert(journal_lines),
+                [
+                    {
+                        "journal_id": journal_id,
+                        "line_no": number,
+                        "account": line.account,
+                        "debit": line.debit,
+                        "credit": line.credit,
+                        "cost_center": draft.cost_center,
+                        "source_kind": line.source_kind,
+                        "source_record_id": line.source_record_id,
+                        "source_key": line.source_key,
+                        "source_message_id": line.source_message_id,
+                    }
+                    for number, line in enumerate(draft.lines, start=1)
+                ],
+            )
+            line_count += len(draft.lines)
+            _mark_journaled(conn, draft, journal_id)
+    log.info(
+        "journals posted",
+        extra={"action": "journals_posted", "batch": batch, "journals": len(drafts),
+               "lines": line_count},
+    )
+    return PostingResult(batch=batch, journals=len(drafts), lines=line_count)
+
+
+def _mark_journaled(conn, draft, journal_id: int) -> None:
+    ids: dict[str, set[int]] = defaultdict(set)
+    for line in draft.lines:
+        ids[line.source_kind].add(line.source_record_id)
+    tables = {"charge": charge_lines, "supply": supply_issues}
+    for kind, record_ids in ids.items():
+        table = tables[kind]
+        conn.execute(
+            table.update()
+            .where(table.c.id.in_(sorted(record_ids)), table.c.journal_id.is_(None))
+            .values(journal_id=journal_id)
+        )

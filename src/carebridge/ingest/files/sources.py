@@ -1,0 +1,189 @@
+"""Turn files into raw messages: find them, tell their format, split them.
+
+Nothing here parses content beyond what splitting needs. Each
+:class:`RawInput` is stored verbatim before any mapping happens.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from carebridge.errors import InputError
+from carebridge.ingest.files.csvrows import read_csv_records
+from carebridge.ingest.hl7v2.framing import split_file
+
+log = logging.getLogger(__name__)
+
+HL7V2 = "hl7v2"
+FHIR_JSON = "fhir-json"
+SYNTHEA_CSV = "synthea-csv"
+
+SYNTHEA_KINDS = ("patients", "encounters", "procedures", "immunizations", "supplies")
+"""Synthea CSV exports carebridge ingests, in the order that keeps references
+resolvable: patients before encounters before what happens in them."""
+
+_MLLP_START = b"\x0b"
+_BOM = b"\xef\xbb\xbf"
+
+
+@dataclass(frozen=True, slots=True)
+class RawInput:
+    """One raw message cut from a file, not yet stored.
+
+    ``format`` is ``hl7v2``, ``fhir-json`` or ``synthea-csv:{kind}``;
+    ``origin`` is the file path with the line or byte offset of the message.
+    ``problem`` is set when the bytes cannot be a message at all (a short CSV
+    row, bytes outside a frame); such input is still stored, then failed.
+    """
+
+    format: str
+    origin: str
+    raw: bytes
+    content_sha256: str
+    dedup_key: str
+    problem: str | None = None
+
+
+def sha256(data: bytes) -> str:
+    """Return the hex SHA-256 of ``data``."""
+    return hashlib.sha256(data).hexdigest()
+
+
+def hl7_dedup_key(payload: bytes, digest: str) -> str:
+    """Return the transport dedup key (MSH-3, MSH-4, MSH-10) of an HL7 message.
+
+    Only the MSH segment is read. A message without a control id falls back
+    to its content hash, so identical resends are still recognised.
+    """
+    first = payload.split(b"\r", 1)[0].split(b"\n", 1)[0]
+    if not first.startswith(b"MSH") or len(first) < 4:
+        return f"hl7v2|sha256:{digest}"
+    fields = first.split(first[3:4])
+    sending_app = fields[2] if len(fields) > 2 else b""
+    sending_facility = fields[3] if len(fields) > 3 else b""
+    control_id = fields[9] if len(fields) > 9 else b""
+    if not control_id.strip():
+        return f"hl7v2|sha256:{digest}"
+    component = fields[1][:1] if len(fields) > 1 and fields[1] else b"^"
+    parts = [
+        sending_app.split(component)[0],
+        sending_facility.split(component)[0],
+        control_id,
+    ]
+    return "hl7v2|" + "|".join(p.decode("latin-1").strip() for p in parts)
+
+
+def detect_format(path: Path, head: bytes) -> str | None:
+    """Return the format of the file at ``path`` from its name and first bytes."""
+    body = head[len(_BOM) :] if head.startswith(_BOM) else head
+    body = body.lstrip(b" \t\r\n")
+    suffix = path.suffix.lower()
+    if suffix == ".json" or body.startswith(b"{"):
+        return FHIR_JSON
+    if suffix == ".csv" and path.stem.lower() in SYNTHEA_KINDS:
+        return f"{SYNTHEA_CSV}:{path.stem.lower()}"
+    if body.startswith((b"MSH", b"FHS", b"BHS", _MLLP_START)):
+        return HL7V2
+    return None
+
+
+def split_hl7(path: Path, data: bytes) -> Iterator[RawInput]:
+    """Yield each HL7 v2 message of a file, and one input per framing problem."""
+    result = split_file(data)
+    for message in result.messages:
+        digest = sha256(message.payload)
+        yield RawInput(
+            format=HL7V2,
+            origin=f"{path}@{message.offset}",
+            raw=message.payload,
+            content_sha256=digest,
+            dedup_key=hl7_dedup_key(message.payload, digest),
+        )
+    for problem in result.problems:
+        log.warning(
+            "framing problem in file",
+            extra={"action": "ingest_framing_problem", "file": str(path)},
+        )
+        # The file as a whole is kept with the problem so nothing is lost.
+        digest = sha256(data)
+        yield RawInput(
+            format=HL7V2,
+            origin=str(path),
+            raw=data,
+            content_sha256=digest,
+            dedup_key=f"hl7v2-file|sha256:{digest}|{sha256(problem.encode())}",
+            problem=problem,
+        )
+
+
+def split_csv(path: Path, data: bytes, kind: str) -> Iterator[RawInput]:
+    """Yield each data row of a Synthea CSV export as a raw message."""
+    table = read_csv_records(data, source=str(path))
+    for record in table.records:
+        digest = sha256(record.raw)
+        yield RawInput(
+            format=f"{SYNTHEA_CSV}:{kind}",
+            origin=f"{path}:{record.line}",
+            raw=record.raw,
+            content_sha256=digest,
+            dedup_key=f"{SYNTHEA_CSV}:{kind}|sha256:{digest}",
+            problem=record.error,
+        )
+
+
+def split_path(path: Path) -> Iterator[RawInput]:
+    """Yield the raw messages of one file.
+
+    Raises:
+        InputError: the file's format cannot be recognised.
+    """
+    data = path.read_bytes()
+    fmt = detect_format(path, data[:64])
+    if fmt is None:
+        raise InputError(
+            f"{path}: format not recognised; expected HL7 v2 (.hl7), FHIR JSON "
+            f"(.json) or a Synthea CSV export named one of {', '.join(SYNTHEA_KINDS)}"
+        )
+    if fmt == HL7V2:
+        yield from split_hl7(path, data)
+    elif fmt == FHIR_JSON:
+        digest = sha256(data)
+        yield RawInput(FHIR_JSON, str(path), data, digest, f"{FHIR_JSON}|sha256:{digest}")
+    else:
+        yield from split_csv(path, data, fmt.split(":", 1)[1])
+
+
+_SUFFIXES = {".hl7", ".csv", ".json"}
+
+
+def _order(path: Path) -> tuple[int, str]:
+    stem = path.stem.lower()
+    if path.suffix.lower() == ".csv" and stem in SYNTHEA_KINDS:
+        return (0, f"{SYNTHEA_KINDS.index(stem)}")
+    if path.suffix.lower() == ".json":
+        return (2, str(path))
+    return (1, str(path))
+
+
+def discover(paths: Iterable[Path]) -> list[Path]:
+    """Expand folders into the files carebridge can ingest, in processing order.
+
+    Synthea CSV exports come first (patients before encounters before
+    services), then HL7 v2 files, then FHIR bundles; files within a group are
+    sorted by path so that a run is repeatable.
+    """
+    found: list[Path] = []
+    for path in paths:
+        if path.is_dir():
+            for candidate in sorted(path.rglob("*")):
+                if candidate.is_file() and candidate.suffix.lower() in _SUFFIXES:
+                    found.append(candidate)
+        elif path.is_file():
+            found.append(path)
+        else:
+            raise InputError(f"{path}: no such file or folder")
+    return sorted(found, key=_order)

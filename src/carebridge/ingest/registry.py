@@ -1,0 +1,64 @@
+"""Mappers from a stored raw message to canonical records, by message format."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from carebridge.errors import ParseError
+from carebridge.ingest.fhir.json import load_fhir_json
+from carebridge.ingest.fhir.mapping import map_fhir
+from carebridge.ingest.files.csvrows import read_csv_records
+from carebridge.ingest.files.synthea import map_synthea_row
+from carebridge.ingest.hl7v2.mapping import map_message
+from carebridge.ingest.hl7v2.parser import parse_message
+from carebridge.model import CanonicalBatch
+
+Mapper = Callable[[bytes, int], CanonicalBatch]
+
+
+def _map_hl7v2(raw: bytes, message_id: int) -> CanonicalBatch:
+    message = parse_message(raw)
+    batch = map_message(message, message_id)
+    batch.warnings[:0] = list(message.warnings)
+    return batch
+
+
+def _map_fhir(raw: bytes, message_id: int) -> CanonicalBatch:
+    return map_fhir(load_fhir_json(raw), message_id)
+
+
+def _synthea_mapper(kind: str) -> Mapper:
+    def map_row(raw: bytes, message_id: int) -> CanonicalBatch:
+        table = read_csv_records(raw, source=f"message {message_id}")
+        if len(table.records) != 1:
+            raise ParseError(
+                f"expected one {kind} row under the header, found {len(table.records)}"
+            )
+        record = table.records[0]
+        if record.error or record.fields is None:
+            raise ParseError(record.error or "row could not be read")
+        return map_synthea_row(kind, record.fields, message_id)
+
+    return map_row
+
+
+MAPPERS: dict[str, Mapper] = {
+    "hl7v2": _map_hl7v2,
+    "fhir-json": _map_fhir,
+    **{
+        f"synthea-csv:{kind}": _synthea_mapper(kind)
+        for kind in ("patients", "encounters", "procedures", "immunizations", "supplies")
+    },
+}
+
+
+def map_raw(fmt: str, raw: bytes, message_id: int) -> CanonicalBatch:
+    """Map a stored raw message of format ``fmt`` to canonical records.
+
+    Raises:
+        ParseError: the message cannot be read or has no mapper.
+    """
+    mapper = MAPPERS.get(fmt)
+    if mapper is None:
+        raise ParseError(f"no mapper for message format {fmt!r}")
+    return mapper(raw, message_id)

@@ -1,0 +1,270 @@
+"""The database schema: raw messages, canonical records, postings, work items.
+
+Everything durable lives here so that a step's outputs and the mark that the
+step is done commit in one transaction. Money and quantities are stored by
+:class:`DecimalText` so that SQLite keeps their exact value.
+"""
+
+from __future__ import annotations
+
+from decimal import Decimal
+from typing import Any
+
+from sqlalchemy import (
+    Column,
+    Date,
+    DateTime,
+    ForeignKey,
+    Index,
+    Integer,
+    LargeBinary,
+    MetaData,
+    Numeric,
+    String,
+    Table,
+    Text,
+    UniqueConstraint,
+)
+from sqlalchemy.engine import Dialect
+from sqlalchemy.types import TypeDecorator, TypeEngine
+
+
+class DecimalText(TypeDecorator[Decimal]):
+    """A ``Decimal`` stored exactly: as text on SQLite, NUMERIC elsewhere.
+
+    SQLite has no decimal type and would round-trip through float.
+    """
+
+    impl = String(40)
+    cache_ok = True
+
+    def load_dialect_impl(self, dialect: Dialect) -> TypeEngine[Any]:
+        if dialect.name == "sqlite":
+            return dialect.type_descriptor(String(40))
+        return dialect.type_descriptor(Numeric(20, 4, asdecimal=True))
+
+    def process_bind_param(self, value: Decimal | None, dialect: Dialect) -> Any:
+        if value is None:
+            return None
+        if not isinstance(value, Decimal):
+            raise TypeError(f"expected Decimal, got {type(value).__name__}")
+        return str(value) if dialect.name == "sqlite" else value
+
+    def process_result_value(self, value: Any, dialect: Dialect) -> Decimal | None:
+        if value is None:
+            return None
+        return Decimal(value) if isinstance(value, str) else Decimal(str(value))
+
+
+metadata = MetaData()
+
+messages = Table(
+    "messages",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("source", String(200), nullable=False),
+    Column("origin", String(500), nullable=True),
+    Column("format", String(40), nullable=False),
+    Column("received_at", DateTime(timezone=True), nullable=False),
+    Column("content_sha256", String(64), nullable=False),
+    Column("dedup_key", String(300), nullable=False),
+    Column("raw", LargeBinary, nullable=False),
+    Column("state", String(20), nullable=False),
+    Column("duplicate_of", Integer, ForeignKey("messages.id"), nullable=True),
+    Column("error", Text, nullable=True),
+    Column("summary", Text, nullable=True),
+    Column("processed_at", DateTime(timezone=True), nullable=True),
+    Column("run_id", Integer, nullable=True),
+    Index("ix_messages_state_id", "state", "id"),
+    Index("ix_messages_dedup_key", "dedup_key"),
+)
+"""Every raw input, stored verbatim before anything else happens.
+
+``state`` is ``received`` until processed, then ``processed``, ``failed`` (a
+work item holds the reason) or ``duplicate`` (``duplicate_of`` names the
+first copy). ``origin`` locates the message in its file (path and line or
+byte offset).
+"""
+
+message_keys = Table(
+    "message_keys",
+    metadata,
+    Column("dedup_key", String(300), primary_key=True),
+    Column("message_id", Integer, ForeignKey("messages.id"), nullable=False),
+    Column("content_sha256", String(64), nullable=False),
+)
+"""First claim of each dedup key; the primary key makes the check race-free."""
+
+patients = Table(
+    "patients",
+    metadata,
+    Column("patient_id", String(100), primary_key=True),
+    Column("mrn", String(100), nullable=True),
+    Column("family_name", String(200), nullable=True),
+    Column("given_name", String(200), nullable=True),
+    Column("birth_date", Date, nullable=True),
+    Column("gender", String(20), nullable=True),
+    Column("home_phone", String(100), nullable=True),
+    Column("business_phone", String(100), nullable=True),
+    Column("source_message_id", Integer, ForeignKey("messages.id"), nullable=False),
+    Column("updated_message_id", Integer, ForeignKey("messages.id"), nullable=False),
+)
+
+encounters = Table(
+    "encounters",
+    metadata,
+    Column("encounter_id", String(100), primary_key=True),
+    Column("patient_id", String(100), nullable=False),
+    Column("encounter_class", String(40), nullable=True),
+    Column("start", DateTime(timezone=True), nullable=True),
+    Column("end", DateTime(timezone=True), nullable=True),
+    Column("code", String(40), nullable=True),
+    Column("code_system", String(20), nullable=True),
+    Column("department", String(40), nullable=True),
+    Column("guarantor", Text, nullable=True),
+    Column("source_message_id", Integer, ForeignKey("messages.id"), nullable=False),
+    Column("updated_message_id", Integer, ForeignKey("messages.id"), nullable=False),
+)
+
+services = Table(
+    "services",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("service_key", String(300), nullable=False),
+    Column("message_id", Integer, ForeignKey("messages.id"), nullable=False),
+    Column("origin", String(20), nullable=False),
+    Column("kind", String(40), nullable=False),
+    Column("code_system", String(20), nullable=True),
+    Column("code", String(60), nullable=True),
+    Column("quantity", DecimalText, nullable=True),
+    Column("service_date", Date, nullable=True),
+    Column("patient_id", String(100), nullable=True),
+    Column("encounter_id", String(100), nullable=True),
+    Column("outcome", String(20), nullable=False),
+    Column("work_item_id", Integer, ForeignKey("work_items.id"), nullable=True),
+    Index("ix_services_key", "service_key"),
+)
+"""One row per service received; ``outcome`` is charged, work_item or duplicate.
+
+``origin`` is ``clinical`` for documented services and ``supply`` for the
+charge side of a chargeable supply, so that the run's identity can be
+checked per origin.
+"""
+
+charge_lines = Table(
+    "charge_lines",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("service_key", String(300), nullable=False, unique=True),
+    Column("service_id", Integer, ForeignKey("services.id"), nullable=False),
+    Column("charge_code", String(60), nullable=False),
+    Column("revenue_code", String(4), nullable=False),
+    Column("hcpcs", String(20), nullable=True),
+    Column("units", DecimalText, nullable=False),
+    Column("unit_price", DecimalText, nullable=False),
+    Column("amount", DecimalText, nullable=False),
+    Column("currency", String(3), nullable=False),
+    Column("service_date", Date, nullable=False),
+    Column("department", String(40), nullable=False),
+    Column("gl_account", String(40), nullable=False),
+    Column("patient_id", String(100), nullable=True),
+    Column("encounter_id", String(100), nullable=True),
+    Column("source_message_id", Integer, ForeignKey("messages.id"), nullable=False),
+    Column("chargemaster_version", String(60), nullable=False),
+    Column("journal_id", Integer, ForeignKey("journals.id"), nullable=True),
+)
+"""Priced charges. The unique ``service_key`` makes a second posting impossible."""
+
+supply_usages = Table(
+    "supply_usages",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("usage_key", String(300), nullable=False),
+    Column("message_id", Integer, ForeignKey("messages.id"), nullable=False),
+    Column("code_system", String(20), nullable=True),
+    Column("code", String(60), nullable=True),
+    Column("quantity", DecimalText, nullable=True),
+    Column("outcome", String(20), nullable=False),
+    Column("work_item_id", Integer, ForeignKey("work_items.id"), nullable=True),
+    Index("ix_supply_usages_key", "usage_key"),
+)
+
+supply_issues = Table(
+    "supply_issues",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("usage_key", String(300), nullable=False, unique=True),
+    Column("usage_id", Integer, ForeignKey("supply_usages.id"), nullable=False),
+    Column("item_code", String(60), nullable=False),
+    Column("quantity", DecimalText, nullable=False),
+    Column("unit_cost", DecimalText, nullable=False),
+    Column("total_cost", DecimalText, nullable=False),
+    Column("currency", String(3), nullable=False),
+    Column("service_date", Date, nullable=False),
+    Column("department", String(40), nullable=False),
+    Column("expense_account", String(40), nullable=False),
+    Column("inventory_account", String(40), nullable=False),
+    Column("encounter_id", String(100), nullable=True),
+    Column("source_message_id", Integer, ForeignKey("messages.id"), nullable=False),
+    Column("journal_id", Integer, ForeignKey("journals.id"), nullable=True),
+)
+"""Inventory issues at cost. The unique ``usage_key`` prevents a second issue."""
+
+work_items = Table(
+    "work_items",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("subject_key", String(320), nullable=False),
+    Column("reason", String(40), nullable=False),
+    Column("team", String(40), nullable=False),
+    Column("message_id", Integer, ForeignKey("messages.id"), nullable=False),
+    Column("detail", Text, nullable=False),
+    Column("status", String(20), nullable=False),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    UniqueConstraint("subject_key", "reason", name="uq_work_items_subject_reason"),
+)
+"""Exceptions for a person. ``subject_key`` names what is stuck: a service,
+a supply usage or a whole message (``message:{id}``)."""
+
+journals = Table(
+    "journals",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("journal_key", String(120), nullable=False, unique=True),
+    Column("posting_batch", Integer, nullable=False),
+    Column("posting_date", Date, nullable=False),
+    Column("department", String(40), nullable=False),
+    Column("cost_center", String(40), nullable=False),
+    Column("currency", String(3), nullable=False),
+    Column("total_debit", DecimalText, nullable=False),
+    Column("total_credit", DecimalText, nullable=False),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+)
+
+journal_lines = Table(
+    "journal_lines",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("journal_id", Integer, ForeignKey("journals.id"), nullable=False),
+    Column("line_no", Integer, nullable=False),
+    Column("account", String(40), nullable=False),
+    Column("debit", DecimalText, nullable=False),
+    Column("credit", DecimalText, nullable=False),
+    Column("cost_center", String(40), nullable=False),
+    Column("source_kind", String(20), nullable=False),
+    Column("source_record_id", Integer, nullable=False),
+    Column("source_key", String(300), nullable=False),
+    Column("source_message_id", Integer, ForeignKey("messages.id"), nullable=False),
+    UniqueConstraint("journal_id", "line_no", name="uq_journal_lines_journal_line"),
+)
+"""Journal lines; each names the charge or supply issue and the message behind it."""
+
+runs = Table(
+    "runs",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("command", String(40), nullable=False),
+    Column("started_at", DateTime(timezone=True), nullable=False),
+    Column("finished_at", DateTime(timezone=True), nullable=True),
+    Column("chargemaster_version", String(60), nullable=True),
+)

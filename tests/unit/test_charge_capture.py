@@ -1,0 +1,125 @@
+"""Charge capture: pricing, the order of checks, and each reason code."""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+from decimal import Decimal
+
+import pytest
+
+from carebridge.model import ChargeLine, Service, ServiceKind, TransactionType
+from carebridge.model.codes import CPT, SNOMED
+from carebridge.workflows.charge_capture import ChargeCapture, to_cents
+from carebridge.workflows.reasons import Reason, Rejection
+
+from .workflow_config import make_config
+
+AS_OF = dt.date(2024, 6, 1)
+
+
+def service(**changes: object) -> Service:
+    base = Service(
+        service_key="svc-1",
+        kind=ServiceKind.PROCEDURE,
+        code_system=SNOMED,
+        code="9564003",
+        quantity=Decimal("1"),
+        service_date=dt.date(2024, 5, 1),
+        patient_id="P1",
+        encounter_id="E1",
+        source_message_id=7,
+    )
+    return dataclasses.replace(base, **changes)
+
+
+def price(svc: Service, encounter_found: bool = True) -> ChargeLine | Rejection:
+    return ChargeCapture(make_config(), AS_OF).price(svc, encounter_found)
+
+
+def test_chargemaster_price_times_units() -> None:
+    line = price(service(quantity=Decimal("3")))
+    assert isinstance(line, ChargeLine)
+    assert line.amount == Decimal("136.50")
+    assert line.unit_price == Decimal("45.50")
+    assert line.charge_code == "30001"
+    assert line.source_message_id == 7
+
+
+def test_revenue_code_from_hcpcs_range() -> None:
+    line = price(service())
+    assert isinstance(line, ChargeLine)
+    assert line.revenue_code == "0300"
+    assert line.department == "LAB"
+    assert line.gl_account == "4100"
+
+
+def test_revenue_code_prefix_maps_department() -> None:
+    line = price(service(code_system=CPT, code="99213"))
+    assert isinstance(line, ChargeLine)
+    assert line.revenue_code == "0510"
+    assert line.department == "CLINIC"
+
+
+def test_source_amount_kept_as_sent() -> None:
+    svc = service(
+        code_system=CPT, code="99213", amount=Decimal("80.00"), unit_price=Decimal("80.00")
+    )
+    line = price(svc)
+    assert isinstance(line, ChargeLine)
+    assert line.amount == Decimal("80.00")
+    assert str(line.amount) == "80.00"
+
+
+def test_source_amount_inconsistent_with_units() -> None:
+    svc = service(
+        code_system=CPT, code="99213", quantity=Decimal("2"),
+        amount=Decimal("39.00"), unit_price=Decimal("19.00"),
+    )
+    result = price(svc)
+    assert isinstance(result, Rejection)
+    assert result.reason is Reason.AMOUNT_MISMATCH
+    assert "39.00" in result.detail
+
+
+def test_credit_is_negative() -> None:
+    line = price(service(transaction_type=TransactionType.CREDIT))
+    assert isinstance(line, ChargeLine)
+    assert line.amount == Decimal("-45.50")
+
+
+@pytest.mark.parametrize(
+    ("changes", "encounter_found", "reason"),
+    [
+        ({}, False, Reason.ENCOUNTER_NOT_FOUND),
+        ({"encounter_id": None}, True, Reason.ENCOUNTER_NOT_FOUND),
+        ({"quantity": Decimal("0")}, True, Reason.UNITS_NOT_POSITIVE),
+        ({"quantity": Decimal("-1")}, True, Reason.UNITS_NOT_POSITIVE),
+        ({"quantity": Decimal("1000")}, True, Reason.UNITS_TOO_HIGH),
+        ({"service_date": None}, True, Reason.DATE_MISSING),
+        ({"service_date": dt.date(2009, 12, 31)}, True, Reason.DATE_OUT_OF_RANGE),
+        ({"service_date": dt.date(2026, 1, 1)}, True, Reason.DATE_OUT_OF_RANGE),
+        ({"code": "0000"}, True, Reason.UNKNOWN_CODE),
+        ({"code": "123"}, True, Reason.PRICE_MISSING),
+        ({"code_system": CPT, "code": "99499"}, True, Reason.PRICE_MISSING),
+        ({"currency": "EUR"}, True, Reason.CURRENCY_MISMATCH),
+    ],
+)
+def test_rejection_reasons(changes: dict, encounter_found: bool, reason: Reason) -> None:
+    result = price(service(**changes), encounter_found)
+    assert isinstance(result, Rejection)
+    assert result.reason is reason
+    assert result.detail
+
+
+def test_unknown_code_names_value() -> None:
+    result = price(service(code="424242"))
+    assert isinstance(result, Rejection)
+    assert "424242" in result.detail
+    assert "SNOMED" in result.detail
+
+
+def test_rounding_is_half_up() -> None:
+    assert to_cents(Decimal("0.125")) == Decimal("0.13")
+    assert to_cents(Decimal("0.135")) == Decimal("0.14")
+    assert to_cents(Decimal("-0.125")) == Decimal("-0.13")
