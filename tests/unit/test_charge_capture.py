@@ -63,7 +63,10 @@ def test_revenue_code_prefix_maps_department() -> None:
 
 def test_source_amount_kept_as_sent() -> None:
     svc = service(
-        code_system=CPT, code="99213", amount=Decimal("80.00"), unit_price=Decimal("80.00")
+        code_system=CPT,
+        code="99213",
+        amount=Decimal("80.00"),
+        unit_price=Decimal("80.00"),
     )
     line = price(svc)
     assert isinstance(line, ChargeLine)
@@ -73,8 +76,11 @@ def test_source_amount_kept_as_sent() -> None:
 
 def test_source_amount_inconsistent_with_units() -> None:
     svc = service(
-        code_system=CPT, code="99213", quantity=Decimal("2"),
-        amount=Decimal("39.00"), unit_price=Decimal("19.00"),
+        code_system=CPT,
+        code="99213",
+        quantity=Decimal("2"),
+        amount=Decimal("39.00"),
+        unit_price=Decimal("19.00"),
     )
     result = price(svc)
     assert isinstance(result, Rejection)
@@ -105,7 +111,9 @@ def test_credit_is_negative() -> None:
         ({"currency": "EUR"}, True, Reason.CURRENCY_MISMATCH),
     ],
 )
-def test_rejection_reasons(changes: dict, encounter_found: bool, reason: Reason) -> None:
+def test_rejection_reasons(
+    changes: dict, encounter_found: bool, reason: Reason
+) -> None:
     result = price(service(**changes), encounter_found)
     assert isinstance(result, Rejection)
     assert result.reason is reason

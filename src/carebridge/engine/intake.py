@@ -93,6 +93,7 @@ def _store_one(
             received_at=now,
             content_sha256=item.content_sha256,
             dedup_key=item.dedup_key,
+            occurrence=item.occurrence,
             raw=item.raw,
             state=RECEIVED,
             run_id=run_id,

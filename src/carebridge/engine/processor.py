@@ -275,7 +275,7 @@ def _fail_message(conn: Connection, message_id: int, exc: Exception) -> None:
 def _process_one(conn: Connection, row, applier: BatchApplier) -> bool:
     savepoint = conn.begin_nested()
     try:
-        batch = map_raw(row.format, row.raw, row.id)
+        batch = map_raw(row.format, row.raw, row.id, row.occurrence)
         applier.outcomes = {}
         applier.apply(batch)
         summary = {
@@ -303,9 +303,13 @@ def _process_one(conn: Connection, row, applier: BatchApplier) -> bool:
         )
     except Exception as exc:  # noqa: BLE001 - a poison message must not stop the batch
         savepoint.rollback()
-        log.exception(
+        # The exception text may quote message content, so the log names only
+        # its type; the full text goes to the work item, which is access
+        # controlled like the message itself.
+        log.error(
             "message processing raised",
-            extra={"action": "message_error", "message_id": row.id},
+            extra={"action": "message_error", "message_id": row.id,
+                   "error_type": type(exc).__name__},
         )
         exc = Exception(f"processing failed: {type(exc).__name__}: {exc}")
     _fail_message(conn, row.id, exc)
@@ -335,7 +339,7 @@ def process_pending(
     while True:
         with engine.begin() as conn:
             rows = conn.execute(
-                select(messages.c.id, messages.c.format, messages.c.raw)
+                select(messages.c.id, messages.c.format, messages.c.raw, messages.c.occurrence)
                 .where(messages.c.state == RECEIVED)
                 .order_by(messages.c.id)
                 .limit(batch_size)

@@ -13,22 +13,22 @@ from carebridge.ingest.hl7v2.mapping import map_message
 from carebridge.ingest.hl7v2.parser import parse_message
 from carebridge.model import CanonicalBatch
 
-Mapper = Callable[[bytes, int], CanonicalBatch]
+Mapper = Callable[[bytes, int, int], CanonicalBatch]
 
 
-def _map_hl7v2(raw: bytes, message_id: int) -> CanonicalBatch:
+def _map_hl7v2(raw: bytes, message_id: int, _occurrence: int) -> CanonicalBatch:
     message = parse_message(raw)
     batch = map_message(message, message_id)
     batch.warnings[:0] = list(message.warnings)
     return batch
 
 
-def _map_fhir(raw: bytes, message_id: int) -> CanonicalBatch:
+def _map_fhir(raw: bytes, message_id: int, _occurrence: int) -> CanonicalBatch:
     return map_fhir(load_fhir_json(raw), message_id)
 
 
 def _synthea_mapper(kind: str) -> Mapper:
-    def map_row(raw: bytes, message_id: int) -> CanonicalBatch:
+    def map_row(raw: bytes, message_id: int, occurrence: int) -> CanonicalBatch:
         table = read_csv_records(raw, source=f"message {message_id}")
         if len(table.records) != 1:
             raise ParseError(
@@ -37,7 +37,7 @@ def _synthea_mapper(kind: str) -> Mapper:
         record = table.records[0]
         if record.error or record.fields is None:
             raise ParseError(record.error or "row could not be read")
-        return map_synthea_row(kind, record.fields, message_id)
+        return map_synthea_row(kind, record.fields, message_id, occurrence=occurrence)
 
     return map_row
 
@@ -52,8 +52,10 @@ MAPPERS: dict[str, Mapper] = {
 }
 
 
-def map_raw(fmt: str, raw: bytes, message_id: int) -> CanonicalBatch:
+def map_raw(fmt: str, raw: bytes, message_id: int, occurrence: int = 1) -> CanonicalBatch:
     """Map a stored raw message of format ``fmt`` to canonical records.
+
+    ``occurrence`` is the message's number among identical rows of its file.
 
     Raises:
         ParseError: the message cannot be read or has no mapper.
@@ -61,4 +63,4 @@ def map_raw(fmt: str, raw: bytes, message_id: int) -> CanonicalBatch:
     mapper = MAPPERS.get(fmt)
     if mapper is None:
         raise ParseError(f"no mapper for message format {fmt!r}")
-    return mapper(raw, message_id)
+    return mapper(raw, message_id, occurrence)

@@ -68,6 +68,7 @@ messages = Table(
     Column("received_at", DateTime(timezone=True), nullable=False),
     Column("content_sha256", String(64), nullable=False),
     Column("dedup_key", String(300), nullable=False),
+    Column("occurrence", Integer, nullable=False, default=1),
     Column("raw", LargeBinary, nullable=False),
     Column("state", String(20), nullable=False),
     Column("duplicate_of", Integer, ForeignKey("messages.id"), nullable=True),
@@ -83,7 +84,8 @@ messages = Table(
 ``state`` is ``received`` until processed, then ``processed``, ``failed`` (a
 work item holds the reason) or ``duplicate`` (``duplicate_of`` names the
 first copy). ``origin`` locates the message in its file (path and line or
-byte offset).
+byte offset). ``occurrence`` numbers identical CSV rows of one file that are
+distinct events.
 """
 
 message_keys = Table(

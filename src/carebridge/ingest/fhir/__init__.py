@@ -1,6 +1,10 @@
 """FHIR R4 JSON input: parsing with exact decimals, validation and mapping."""
 
-from carebridge.ingest.fhir.json import load_fhir_json, parse_fhir_json, validate_resource
+from carebridge.ingest.fhir.json import (
+    load_fhir_json,
+    parse_fhir_json,
+    validate_resource,
+)
 from carebridge.ingest.fhir.mapping import claim_amounts, map_fhir
 
 __all__ = [

@@ -112,8 +112,8 @@ def validate_resource(resource: dict[str, Any], *, path: str) -> None:
     """Validate one resource (a Bundle with all its entries) against FHIR R4B.
 
     Besides the model rules, a decimal, integer or boolean element must be a
-    JSON number or boolean; ``fhir.resources`` would accept ``"135.50"`` or
-    ``"1,000.00"`` strings, which FHIR JSON forbids.
+    JSON number or boolean. FHIR JSON forbids strings there, but the
+    ``fhir.resources`` models accept ``"135.50"``.
 
     Args:
         resource: a resource as returned by :func:`parse_fhir_json`.
@@ -133,7 +133,8 @@ def validate_resource(resource: dict[str, Any], *, path: str) -> None:
         model_class = get_fhir_model_class(resource_type)
     except (KeyError, ValueError) as exc:
         raise ParseError(
-            f"unknown FHIR resource type {resource_type!r}", location=f"{path}.resourceType"
+            f"unknown FHIR resource type {resource_type!r}",
+            location=f"{path}.resourceType",
         ) from exc
     model = _validate_model(model_class, resource, path, resource_type)
     _check_json_primitives(model, resource, path, resource_type)
@@ -144,14 +145,18 @@ def _validate_bundle(bundle: dict[str, Any], path: str) -> None:
     if not isinstance(entries, list):
         raise ParseError("Bundle.entry must be an array", location=f"{path}.entry")
     # Validate the envelope without the entry resources (Bundle.entry.resource
-    # is optional), then each resource with its own model: this names the
-    # failing entry and is about 3 times faster than validating the whole Bundle.
+    # is optional), then each resource with its own model. This names the
+    # failing entry, and on the 472-entry Synthea bundle it took 0.13 s against
+    # 0.39 s for Bundle.model_validate (fhir.resources 8.3, one dev container run).
     envelope = dict(bundle)
     envelope["entry"] = [
-        {k: v for k, v in entry.items() if k != "resource"} if isinstance(entry, dict) else entry
+        {k: v for k, v in entry.items() if k != "resource"}
+        if isinstance(entry, dict)
+        else entry
         for entry in entries
     ]
-    _validate_model(Bundle, envelope, path, "Bundle")
+    model = _validate_model(Bundle, envelope, path, "Bundle")
+    _check_json_primitives(model, envelope, path, "Bundle")
     for index, entry in enumerate(entries):
         resource = entry.get("resource")
         if resource is None:
@@ -200,7 +205,7 @@ def element_path(base: str, loc: Sequence[str | int]) -> str:
 def _check_json_primitives(
     model: FHIRAbstractModel, raw: dict[str, Any], path: str, resource_type: str
 ) -> None:
-    """Reject strings sent where the model holds a decimal, integer or boolean.
+    """Reject strings sent where the model contains a decimal, integer or boolean.
 
     The validated model tells which elements are numeric or boolean, so the
     raw JSON value is compared with the model value element by element.
@@ -213,7 +218,9 @@ def _check_json_primitives(
         raw_value = raw[alias]
         element = f"{path}.{alias}"
         if isinstance(value, list) and isinstance(raw_value, list):
-            for index, (item, raw_item) in enumerate(zip(value, raw_value, strict=False)):
+            for index, (item, raw_item) in enumerate(
+                zip(value, raw_value, strict=False)
+            ):
                 _check_value(item, raw_item, f"{element}[{index}]", resource_type)
         else:
             _check_value(value, raw_value, element, resource_type)
@@ -224,8 +231,9 @@ def _check_value(value: Any, raw_value: Any, element: str, resource_type: str) -
         _check_json_primitives(value, raw_value, element, resource_type)
         return
     if isinstance(value, bool | int | Decimal) and isinstance(raw_value, str):
-        wanted = "boolean" if isinstance(value, bool) else "number"
+        json_type = "boolean" if isinstance(value, bool) else "number"
         raise ParseError(
-            f"invalid {resource_type}: expected a JSON {wanted}, got string {raw_value!r}",
+            f"invalid {resource_type}: expected a JSON {json_type}, "
+            f"got string {raw_value!r}",
             location=element,
         )

@@ -15,6 +15,11 @@ so decimals are already ``Decimal``. Finance-relevant resources map as follows
 Every other resource type is counted in ``CanonicalBatch.ignored``. Service
 and usage keys follow the scheme in :mod:`carebridge.ingest.files.synthea`, so
 a Synthea event delivered both as CSV and as FHIR gets one key.
+
+NOTE: every FHIR source uses that ``synthea:`` key scheme, which assumes
+encounter ids are unique across senders (true of Synthea UUIDs). ChargeItems
+and events without an encounter or a full date-time are keyed by resource id
+(``fhir:{type}/{id}``).
 """
 
 from __future__ import annotations
@@ -22,19 +27,26 @@ from __future__ import annotations
 import datetime as dt
 import logging
 from collections import Counter
-from collections.abc import Iterable
 from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any
 
 from carebridge.errors import ParseError
+from carebridge.ingest.fhir.elements import (
+    as_date,
+    fhir_datetime,
+    fhir_decimal,
+    pick_coding,
+    reference_id,
+    resolve_reference,
+)
 from carebridge.ingest.files.synthea import (
     encounter_service_key,
     immunization_service_key,
     procedure_service_key,
     supply_usage_key,
 )
-from carebridge.model.codes import CVX, SNOMED, code_system_from
+from carebridge.model.codes import CVX, SNOMED
 from carebridge.model.records import (
     CanonicalBatch,
     Encounter,
@@ -71,7 +83,7 @@ class _Context:
     occurrences: Counter[str] = field(default_factory=Counter)
 
     def occurrence(self, base_key: str) -> int:
-        """Number ``base_key`` among the earlier events of this document with that key."""
+        """Count ``base_key`` and return its occurrence number in this document."""
         self.occurrences[base_key] += 1
         return self.occurrences[base_key]
 
@@ -168,125 +180,6 @@ def _map_resource(resource: dict[str, Any], context: _Context, path: str) -> Non
     mapper(resource, context, path)
 
 
-# --- Element readers ---
-
-
-def reference_id(
-    reference: dict[str, Any] | None,
-    expected_types: Iterable[str],
-    context: _Context,
-    path: str,
-) -> str | None:
-    """Resolve a Reference to the id of the resource it points to.
-
-    Returns ``None`` for a missing reference, a contained (``#``) or a
-    conditional (``Type?search``) reference, which name no id.
-    """
-    resolved = _resolve_reference(reference, tuple(expected_types), context, path)
-    return resolved[1] if resolved else None
-
-
-def _resolve_reference(
-    reference: dict[str, Any] | None,
-    expected: tuple[str, ...],
-    context: _Context,
-    path: str,
-) -> tuple[str, str] | None:
-    """Return ``(resource type, id)``; the type is ``""`` for an unknown urn:uuid."""
-    if not reference or not reference.get("reference"):
-        return None
-    text = str(reference["reference"])
-    if text in context.full_urls:
-        target_type, target_id = context.full_urls[text]
-    elif text.startswith("urn:uuid:"):
-        target_type, target_id = "", text.removeprefix("urn:uuid:")
-    elif text.startswith("#") or "?" in text:
-        return None
-    else:
-        parts = text.split("/")
-        if "_history" in parts:
-            parts = parts[: parts.index("_history")]
-        if len(parts) < 2:
-            raise ParseError(f"invalid reference {text!r}", location=f"{path}.reference")
-        target_type, target_id = parts[-2], parts[-1]
-    if target_type and target_type not in expected:
-        raise ParseError(
-            f"reference {text!r} points to {target_type}; expected {' or '.join(expected)}",
-            location=f"{path}.reference",
-        )
-    return target_type, target_id
-
-
-def fhir_datetime(value: Any, path: str) -> dt.datetime | dt.date | None:
-    """Read a FHIR dateTime: an aware UTC datetime, a date, or ``None``.
-
-    A value with a time gives a datetime in UTC (FHIR requires the offset when
-    a time is present). A full date gives a date. A year or year-month, or a
-    missing value, gives ``None``.
-    """
-    if value is None:
-        return None
-    text = str(value)
-    try:
-        if "T" in text:
-            moment = dt.datetime.fromisoformat(text)
-            if moment.tzinfo is None:
-                raise ValueError("time without a UTC offset")
-            return moment.astimezone(dt.UTC)
-        if len(text) == 10:
-            return dt.date.fromisoformat(text)
-    except ValueError as exc:
-        raise ParseError(f"invalid dateTime {text!r}: {exc}", location=path) from exc
-    return None
-
-
-def _as_date(value: dt.datetime | dt.date | None) -> dt.date | None:
-    if isinstance(value, dt.datetime):
-        return value.date()
-    return value
-
-
-def fhir_decimal(value: Any, path: str) -> Decimal:
-    """Return a FHIR decimal element as ``Decimal``, rejecting floats and strings.
-
-    A float means the JSON was parsed without ``parse_float=Decimal`` and its
-    precision is already lost, so it is rejected rather than converted.
-    """
-    if isinstance(value, Decimal) and value.is_finite():
-        return value
-    if isinstance(value, int) and not isinstance(value, bool):
-        return Decimal(value)
-    if isinstance(value, float):
-        raise ParseError(
-            f"decimal {value!r} was parsed as a float; parse FHIR JSON with "
-            "load_fhir_json so that precision is kept",
-            location=path,
-        )
-    raise ParseError(f"invalid decimal {value!r}: expected a JSON number", location=path)
-
-
-def pick_coding(
-    concept: dict[str, Any] | None, preferred_system: str | None
-) -> tuple[str, str, str | None] | None:
-    """Choose one coding of a CodeableConcept: ``(code_system, code, display)``.
-
-    The first coding in ``preferred_system`` wins, then the first in a system
-    carebridge recognises, then the first with a code; an unrecognised system
-    keeps its URI as the code system. Returns ``None`` if no coding has a code.
-    """
-    codings = [c for c in (concept or {}).get("coding", []) if c.get("code")]
-    if not codings:
-        return None
-    systems = [code_system_from(c.get("system")) for c in codings]
-    index = next((i for i, s in enumerate(systems) if s and s == preferred_system), None)
-    if index is None:
-        index = next((i for i, s in enumerate(systems) if s), 0)
-    chosen = codings[index]
-    system = systems[index] or str(chosen.get("system") or "")
-    display = chosen.get("display") or (concept or {}).get("text")
-    return system, str(chosen["code"]), display
-
-
 def _required_id(resource: dict[str, Any], path: str) -> str:
     resource_id = resource.get("id")
     if not resource_id:
@@ -297,7 +190,9 @@ def _required_id(resource: dict[str, Any], path: str) -> str:
 def _required_patient(
     resource: dict[str, Any], element: str, context: _Context, path: str
 ) -> str:
-    patient_id = reference_id(resource.get(element), ("Patient",), context, f"{path}.{element}")
+    patient_id = reference_id(
+        resource.get(element), ("Patient",), context.full_urls, f"{path}.{element}"
+    )
     if not patient_id:
         raise ParseError("missing patient reference", location=f"{path}.{element}")
     return patient_id
@@ -324,7 +219,7 @@ def _map_patient(resource: dict[str, Any], context: _Context, path: str) -> None
             mrn=_medical_record_number(resource.get("identifier", [])),
             family_name=name.get("family"),
             given_name=given[0],
-            birth_date=_as_date(fhir_datetime(birth, f"{path}.birthDate")),
+            birth_date=as_date(fhir_datetime(birth, f"{path}.birthDate")),
             gender=resource.get("gender"),
         )
     )
@@ -376,7 +271,7 @@ def _map_encounter(resource: dict[str, Any], context: _Context, path: str) -> No
             code_system=coding[0],
             code=coding[1],
             quantity=_ONE,
-            service_date=_as_date(start),
+            service_date=as_date(start),
             patient_id=patient_id,
             encounter_id=encounter_id,
             source_message_id=context.message_id,
@@ -388,7 +283,9 @@ def _map_encounter(resource: dict[str, Any], context: _Context, path: str) -> No
 def _map_procedure(resource: dict[str, Any], context: _Context, path: str) -> None:
     coding = pick_coding(resource.get("code"), SNOMED)
     if coding is None:
-        raise ParseError("Procedure has no coded Procedure.code", location=f"{path}.code")
+        raise ParseError(
+            "Procedure has no coded Procedure.code", location=f"{path}.code"
+        )
     if "performedPeriod" in resource:
         element = "performedPeriod.start"
         performed = resource["performedPeriod"].get("start")
@@ -396,7 +293,10 @@ def _map_procedure(resource: dict[str, Any], context: _Context, path: str) -> No
         element, performed = "performedDateTime", resource.get("performedDateTime")
     start = fhir_datetime(performed, f"{path}.{element}")
     encounter_id = reference_id(
-        resource.get("encounter"), ("Encounter",), context, f"{path}.encounter"
+        resource.get("encounter"),
+        ("Encounter",),
+        context.full_urls,
+        f"{path}.encounter",
     )
     if encounter_id and isinstance(start, dt.datetime):
         base = procedure_service_key(encounter_id, coding[1], start)
@@ -411,7 +311,7 @@ def _map_procedure(resource: dict[str, Any], context: _Context, path: str) -> No
             code_system=coding[0],
             code=coding[1],
             quantity=_ONE,
-            service_date=_as_date(start),
+            service_date=as_date(start),
             patient_id=_required_patient(resource, "subject", context, path),
             encounter_id=encounter_id,
             source_message_id=context.message_id,
@@ -430,7 +330,10 @@ def _map_immunization(resource: dict[str, Any], context: _Context, path: str) ->
         resource.get("occurrenceDateTime"), f"{path}.occurrenceDateTime"
     )
     encounter_id = reference_id(
-        resource.get("encounter"), ("Encounter",), context, f"{path}.encounter"
+        resource.get("encounter"),
+        ("Encounter",),
+        context.full_urls,
+        f"{path}.encounter",
     )
     if encounter_id and isinstance(given_at, dt.datetime):
         base = immunization_service_key(encounter_id, coding[1], given_at)
@@ -445,7 +348,7 @@ def _map_immunization(resource: dict[str, Any], context: _Context, path: str) ->
             code_system=coding[0],
             code=coding[1],
             quantity=_ONE,
-            service_date=_as_date(given_at),
+            service_date=as_date(given_at),
             patient_id=_required_patient(resource, "patient", context, path),
             encounter_id=encounter_id,
             source_message_id=context.message_id,
@@ -461,9 +364,22 @@ def _local_date(value: Any) -> dt.date | None:
     return dt.date.fromisoformat(text[:10]) if len(text) >= 10 else None
 
 
-def _map_supply_delivery(resource: dict[str, Any], context: _Context, path: str) -> None:
+def _supplied_quantity(
+    resource: dict[str, Any], context: _Context, path: str
+) -> Decimal:
+    quantity = (resource.get("suppliedItem") or {}).get("quantity")
+    if quantity is None:
+        context.batch.warnings.append(
+            f"SupplyDelivery {resource.get('id')} has no suppliedItem.quantity; using 1"
+        )
+        return _ONE
+    return fhir_decimal(quantity.get("value"), f"{path}.suppliedItem.quantity.value")
+
+
+def _map_supply_delivery(
+    resource: dict[str, Any], context: _Context, path: str
+) -> None:
     item = resource.get("suppliedItem") or {}
-    item_path = f"{path}.suppliedItem"
     coding = pick_coding(item.get("itemCodeableConcept"), SNOMED)
     if coding is None:
         # An itemReference (Medication, Substance, Device) carries no code here.
@@ -472,23 +388,20 @@ def _map_supply_delivery(resource: dict[str, Any], context: _Context, path: str)
             f"SupplyDelivery {resource.get('id')} has no coded suppliedItem; not posted"
         )
         return
-    quantity_element = item.get("quantity")
-    if quantity_element is None:
-        quantity = _ONE
-        context.batch.warnings.append(
-            f"SupplyDelivery {resource.get('id')} has no suppliedItem.quantity; using 1"
-        )
+    quantity = _supplied_quantity(resource, context, path)
+    if "occurrenceDateTime" in resource:
+        element, occurred = "occurrenceDateTime", resource["occurrenceDateTime"]
     else:
-        quantity = fhir_decimal(quantity_element.get("value"), f"{item_path}.quantity.value")
-    occurred = resource.get("occurrenceDateTime") or (
-        resource.get("occurrencePeriod") or {}
-    ).get("start")
-    fhir_datetime(occurred, f"{path}.occurrenceDateTime")  # validates the value
+        element = "occurrencePeriod.start"
+        occurred = (resource.get("occurrencePeriod") or {}).get("start")
+    fhir_datetime(occurred, f"{path}.{element}")  # raises if the value is invalid
     supplied_on = _local_date(occurred)
     patient_id = _required_patient(resource, "patient", context, path)
     if supplied_on is not None:
         base = supply_usage_key(patient_id, coding[1], supplied_on)
-        key = supply_usage_key(patient_id, coding[1], supplied_on, context.occurrence(base))
+        key = supply_usage_key(
+            patient_id, coding[1], supplied_on, context.occurrence(base)
+        )
     else:
         key = _fallback_key(resource, path)
     context.batch.supplies.append(
@@ -509,7 +422,9 @@ def _map_supply_delivery(resource: dict[str, Any], context: _Context, path: str)
 def _map_charge_item(resource: dict[str, Any], context: _Context, path: str) -> None:
     coding = pick_coding(resource.get("code"), None)
     if coding is None:
-        raise ParseError("ChargeItem has no coded ChargeItem.code", location=f"{path}.code")
+        raise ParseError(
+            "ChargeItem has no coded ChargeItem.code", location=f"{path}.code"
+        )
     quantity_element = resource.get("quantity")
     quantity = (
         fhir_decimal(quantity_element.get("value"), f"{path}.quantity.value")
@@ -517,7 +432,11 @@ def _map_charge_item(resource: dict[str, Any], context: _Context, path: str) -> 
         else _ONE
     )
     price = resource.get("priceOverride")
-    amount = fhir_decimal(price.get("value"), f"{path}.priceOverride.value") if price else None
+    amount = (
+        fhir_decimal(price.get("value"), f"{path}.priceOverride.value")
+        if price
+        else None
+    )
     if "factorOverride" in resource:
         context.batch.warnings.append(
             f"ChargeItem {resource.get('id')}: factorOverride is not applied"
@@ -532,9 +451,12 @@ def _map_charge_item(resource: dict[str, Any], context: _Context, path: str) -> 
             code_system=coding[0],
             code=coding[1],
             quantity=quantity,
-            service_date=_as_date(fhir_datetime(occurred, f"{path}.occurrence[x]")),
+            service_date=as_date(fhir_datetime(occurred, f"{path}.occurrence[x]")),
             patient_id=reference_id(
-                resource.get("subject"), ("Patient",), context, f"{path}.subject"
+                resource.get("subject"),
+                ("Patient",),
+                context.full_urls,
+                f"{path}.subject",
             ),
             encounter_id=_charge_item_encounter(resource, context, path),
             source_message_id=context.message_id,
@@ -549,8 +471,11 @@ def _charge_item_encounter(
     resource: dict[str, Any], context: _Context, path: str
 ) -> str | None:
     # ChargeItem.context may also be an EpisodeOfCare, which is not an encounter.
-    resolved = _resolve_reference(
-        resource.get("context"), ("Encounter", "EpisodeOfCare"), context, f"{path}.context"
+    resolved = resolve_reference(
+        resource.get("context"),
+        ("Encounter", "EpisodeOfCare"),
+        context.full_urls,
+        f"{path}.context",
     )
     if resolved is None or resolved[0] == "EpisodeOfCare":
         return None
@@ -590,11 +515,15 @@ def claim_amounts(claim: dict[str, Any]) -> tuple[list[Decimal], Decimal | None]
     for index, item in enumerate(claim.get("item", [])):
         item_path = f"Claim.item[{index}]"
         if item.get("net") is not None:
-            items.append(fhir_decimal(item["net"].get("value"), f"{item_path}.net.value"))
+            items.append(
+                fhir_decimal(item["net"].get("value"), f"{item_path}.net.value")
+            )
             continue
         if item.get("unitPrice") is None:
             raise ParseError("item has neither net nor unitPrice", location=item_path)
-        unit_price = fhir_decimal(item["unitPrice"].get("value"), f"{item_path}.unitPrice.value")
+        unit_price = fhir_decimal(
+            item["unitPrice"].get("value"), f"{item_path}.unitPrice.value"
+        )
         quantity = (item.get("quantity") or {}).get("value", 1)
         factor = item.get("factor", 1)
         items.append(
@@ -603,5 +532,7 @@ def claim_amounts(claim: dict[str, Any]) -> tuple[list[Decimal], Decimal | None]
             * fhir_decimal(factor, f"{item_path}.factor")
         )
     total = claim.get("total")
-    total_value = None if total is None else fhir_decimal(total.get("value"), "Claim.total.value")
+    total_value = (
+        None if total is None else fhir_decimal(total.get("value"), "Claim.total.value")
+    )
     return items, total_value

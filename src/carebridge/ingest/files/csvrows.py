@@ -192,5 +192,7 @@ def _make_record(
     if failure is None and values is not None and len(values) != len(header):
         failure = f"expected {len(header)} fields, got {len(values)}"
     if failure is not None or values is None:
-        return CsvRecord(line=line, raw=raw, fields=None, error=f"line {line}: {failure}")
+        return CsvRecord(
+            line=line, raw=raw, fields=None, error=f"line {line}: {failure}"
+        )
     return CsvRecord(line=line, raw=raw, fields=dict(zip(header, values, strict=True)))

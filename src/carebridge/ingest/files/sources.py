@@ -14,6 +14,7 @@ from pathlib import Path
 
 from carebridge.errors import InputError
 from carebridge.ingest.files.csvrows import read_csv_records
+from carebridge.ingest.files.synthea import number_occurrences
 from carebridge.ingest.hl7v2.framing import split_file
 
 log = logging.getLogger(__name__)
@@ -38,6 +39,9 @@ class RawInput:
     ``origin`` is the file path with the line or byte offset of the message.
     ``problem`` is set when the bytes cannot be a message at all (a short CSV
     row, bytes outside a frame); such input is still stored, then failed.
+    ``occurrence`` numbers rows of one CSV file that describe the same event
+    key (Synthea writes two identical rows for two identical supply uses), so
+    that the second is a second event, not a resend.
     """
 
     format: str
@@ -46,6 +50,7 @@ class RawInput:
     content_sha256: str
     dedup_key: str
     problem: str | None = None
+    occurrence: int = 1
 
 
 def sha256(data: bytes) -> str:
@@ -123,15 +128,18 @@ def split_hl7(path: Path, data: bytes) -> Iterator[RawInput]:
 def split_csv(path: Path, data: bytes, kind: str) -> Iterator[RawInput]:
     """Yield each data row of a Synthea CSV export as a raw message."""
     table = read_csv_records(data, source=str(path))
-    for record in table.records:
+    occurrences = number_occurrences(kind, (record.fields for record in table.records))
+    for record, occurrence in zip(table.records, occurrences, strict=True):
         digest = sha256(record.raw)
+        suffix = f"#{occurrence}" if occurrence > 1 else ""
         yield RawInput(
             format=f"{SYNTHEA_CSV}:{kind}",
             origin=f"{path}:{record.line}",
             raw=record.raw,
             content_sha256=digest,
-            dedup_key=f"{SYNTHEA_CSV}:{kind}|sha256:{digest}",
+            dedup_key=f"{SYNTHEA_CSV}:{kind}|sha256:{digest}{suffix}",
             problem=record.error,
+            occurrence=occurrence,
         )
 
 

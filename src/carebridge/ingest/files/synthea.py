@@ -19,8 +19,12 @@ Supplies are keyed by patient, not encounter, because FHIR R4 SupplyDelivery
 has no encounter element. Date-times are written as ``YYYY-MM-DDTHH:MM:SSZ``.
 Synthea can emit the same supply twice for one patient, code and date (two
 identical rows in ``supplies.csv`` and two SupplyDelivery resources); such
-repeats are told apart by their occurrence number in file or bundle order,
+repeats are distinguished by their occurrence number in file or bundle order,
 appended as ``#2``, ``#3`` and so on (see :func:`number_occurrences`).
+
+NOTE: service dates of encounters, procedures and immunizations are UTC dates,
+because the CSV carries only UTC times. An evening visit in Massachusetts
+therefore gets the next calendar day. Supply dates are local dates.
 """
 
 from __future__ import annotations
@@ -167,7 +171,9 @@ def _quantity(kind: str, fields: Mapping[str, str], column: str) -> Decimal:
 # --- Row mappers, one per file. ---
 
 
-def _map_patient(fields: Mapping[str, str], message_id: int, batch: CanonicalBatch) -> None:
+def _map_patient(
+    fields: Mapping[str, str], message_id: int, batch: CanonicalBatch
+) -> None:
     kind = "patients"
     birth = _optional_text(fields, "BIRTHDATE")
     batch.patients.append(
@@ -251,7 +257,9 @@ def _map_immunization(
     given_at = _datetime(kind, fields, "DATE")
     batch.services.append(
         Service(
-            service_key=immunization_service_key(encounter_id, code, given_at, occurrence),
+            service_key=immunization_service_key(
+                encounter_id, code, given_at, occurrence
+            ),
             kind=ServiceKind.IMMUNIZATION,
             code_system=CVX,
             code=code,
@@ -309,7 +317,9 @@ def _base_key(kind: str, fields: Mapping[str, str]) -> str | None:
     return None
 
 
-def number_occurrences(kind: str, rows: Iterable[Mapping[str, str] | None]) -> list[int]:
+def number_occurrences(
+    kind: str, rows: Iterable[Mapping[str, str] | None]
+) -> list[int]:
     """Number each row among the earlier rows of the file that share its key.
 
     The first row with a given key gets 1, the next identical one 2, and so on.
@@ -350,7 +360,8 @@ _ROW_MAPPERS: dict[str, Callable[..., None]] = {
 def _check_kind(kind: str) -> None:
     if kind not in SYNTHEA_KINDS:
         raise ParseError(
-            f"unknown Synthea CSV kind {kind!r}; expected one of {', '.join(SYNTHEA_KINDS)}",
+            f"unknown Synthea CSV kind {kind!r}; "
+            f"expected one of {', '.join(SYNTHEA_KINDS)}",
             location=kind,
         )
 

@@ -1,0 +1,212 @@
+"""The pipeline on a real SQLite database: store, dedup, charge, fail, journal."""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+from decimal import Decimal
+from pathlib import Path
+
+from sqlalchemy import Engine, func, select
+
+from carebridge.config.model import Configuration
+from carebridge.engine.intake import store_inputs
+from carebridge.engine.job import JobOptions, run_job
+from carebridge.engine.posting import post_journals
+from carebridge.engine.processor import process_pending
+from carebridge.ingest.files.sources import split_path
+from carebridge.store.schema import (
+    charge_lines,
+    journal_lines,
+    journals,
+    messages,
+    patients,
+    services,
+    work_items,
+)
+
+from .conftest import hl7
+
+AS_OF = dt.date(2024, 6, 1)
+
+MESSAGE_X = hl7(
+    "MSH|^~\\&|CHGSYS|SENDFAC|FINAPP|RCVFAC|20240501120000||DFT^P03|CTL0011|P|2.5",
+    "EVN|P03|20240501120000",
+    "PID|1||MRN0011^^^SENDFAC^MR||TESTPATIENT^THETA",
+    "PV1|1|O|CLINIC1||||||||||||||||VIS0011",
+    "FT1|1|TXN0011||20240501|20240501|CG|99213^OFFICE VISIT EST^CPT|||1|135.50&USD|135.50&USD",
+)
+MESSAGE_Y = hl7(
+    "MSH|^~\\&|CHGSYS|SENDFAC|FINAPP|RCVFAC|20240501121500||DFT^P03|CTL0011|P|2.5",
+    "EVN|P03|20240501121500",
+    "PID|1||MRN0011^^^SENDFAC^MR||TESTPATIENT^THETA",
+    "PV1|1|O|CLINIC1||||||||||||||||VIS0011",
+    "FT1|1|TXN0012||20240501|20240501|CG|99212^OFFICE VISIT EST^CPT|||1|80.00&USD|80.00&USD",
+)
+MESSAGE_X_NEW_CONTROL_ID = MESSAGE_X.replace(b"|CTL0011|", b"|CTL0011R|")
+
+
+def write(tmp_path: Path, name: str, data: bytes) -> Path:
+    path = tmp_path / name
+    path.write_bytes(data)
+    return path
+
+
+def ingest(engine: Engine, config: Configuration, *paths: Path) -> None:
+    for path in paths:
+        store_inputs(engine, split_path(path), source="test")
+    process_pending(engine, config, as_of=AS_OF)
+
+
+def count(engine: Engine, table, *where) -> int:
+    with engine.connect() as conn:
+        return conn.execute(select(func.count()).select_from(table).where(*where)).scalar_one()
+
+
+def test_resent_message_posts_once(engine: Engine, config: Configuration, tmp_path: Path) -> None:
+    first = write(tmp_path, "x1.hl7", MESSAGE_X)
+    again = write(tmp_path, "x2.hl7", MESSAGE_X)
+    ingest(engine, config, first, again)
+
+    assert count(engine, messages) == 2
+    assert count(engine, messages, messages.c.state == "duplicate") == 1
+    with engine.connect() as conn:
+        amounts = conn.execute(select(charge_lines.c.amount)).scalars().all()
+    assert amounts == [Decimal("135.50")]
+
+
+def test_new_control_id_same_business_key(
+    engine: Engine, config: Configuration, tmp_path: Path
+) -> None:
+    ingest(
+        engine,
+        config,
+        write(tmp_path, "x.hl7", MESSAGE_X),
+        write(tmp_path, "x-resent.hl7", MESSAGE_X_NEW_CONTROL_ID),
+    )
+    assert count(engine, charge_lines) == 1
+    assert count(engine, services, services.c.outcome == "duplicate") == 1
+
+
+def test_control_id_reused_is_work_item(
+    engine: Engine, config: Configuration, tmp_path: Path
+) -> None:
+    ingest(engine, config, write(tmp_path, "x.hl7", MESSAGE_X), write(tmp_path, "y.hl7", MESSAGE_Y))
+
+    with engine.connect() as conn:
+        reasons = conn.execute(select(work_items.c.reason)).scalars().all()
+        total = sum(conn.execute(select(charge_lines.c.amount)).scalars(), Decimal(0))
+    assert reasons == ["control_id_reused"]
+    assert total == Decimal("135.50")
+    assert count(engine, messages, messages.c.state == "failed") == 1
+
+
+def test_poison_message_does_not_block(
+    engine: Engine, config: Configuration, tmp_path: Path
+) -> None:
+    bad_quantity = MESSAGE_Y.replace(b"|CTL0011|", b"|CTL0099|").replace(
+        b"|||1|80.00", b"|||ONE|80.00"
+    )
+    ingest(
+        engine,
+        config,
+        write(tmp_path, "a-bad.hl7", bad_quantity),
+        write(tmp_path, "b-good.hl7", MESSAGE_X),
+    )
+    with engine.connect() as conn:
+        states = dict(conn.execute(select(messages.c.origin, messages.c.state)).all())
+        item = conn.execute(select(work_items.c.reason, work_items.c.detail)).one()
+    assert sorted(states.values()) == ["failed", "processed"]
+    assert item.reason == "malformed_input"
+    assert "FT1" in item.detail
+    assert count(engine, charge_lines) == 1
+
+
+def test_unknown_code_becomes_work_item(
+    engine: Engine, config: Configuration, tmp_path: Path
+) -> None:
+    unknown = MESSAGE_X.replace(b"99213^OFFICE VISIT EST^CPT", b"ZZ999^MYSTERY^LOCAL")
+    ingest(engine, config, write(tmp_path, "u.hl7", unknown))
+    with engine.connect() as conn:
+        item = conn.execute(select(work_items.c.reason, work_items.c.team)).one()
+    assert item.reason == "unknown_code"
+    assert item.team == "revenue_cycle"
+    assert count(engine, charge_lines) == 0
+
+
+def test_explicit_null_clears_phone(
+    engine: Engine, config: Configuration, tmp_path: Path
+) -> None:
+    message_a = hl7(
+        "MSH|^~\\&|SENDAPP|SENDFAC|RCVAPP|RCVFAC|20240501120000||ADT^A08|CTL0006A|P|2.5",
+        "EVN|A08|20240501120000",
+        "PID|1||MRN0006^^^SENDFAC^MR||TESTPATIENT^ETA||19750505|M|||1 TEST ST^^TESTVILLE^TS^00001||555-0100|555-0199",
+        "PV1|1|O|CLINIC1",
+    )
+    message_b = hl7(
+        "MSH|^~\\&|SENDAPP|SENDFAC|RCVAPP|RCVFAC|20240501130000||ADT^A08|CTL0006B|P|2.5",
+        "EVN|A08|20240501130000",
+        "PID|1||MRN0006^^^SENDFAC^MR||TESTPATIENT^ETA||19750505|M|||1 TEST ST^^TESTVILLE^TS^00001||\"\"",
+        "PV1|1|O|CLINIC1",
+    )
+    ingest(engine, config, write(tmp_path, "a.hl7", message_a), write(tmp_path, "b.hl7", message_b))
+    with engine.connect() as conn:
+        row = conn.execute(select(patients).where(patients.c.patient_id == "MRN0006")).one()
+        stored = [value for value in conn.execute(select(patients)).one()]
+    assert row.home_phone is None
+    assert row.business_phone == "555-0199"
+    assert '""' not in [value for value in stored if isinstance(value, str)]
+
+
+def test_journals_balance_and_trace(
+    engine: Engine, config: Configuration, tmp_path: Path
+) -> None:
+    ingest(engine, config, write(tmp_path, "x.hl7", MESSAGE_X))
+    result = post_journals(engine, config)
+    again = post_journals(engine, config)
+
+    assert result.journals == 1
+    assert again.journals == 0
+    with engine.connect() as conn:
+        journal = conn.execute(select(journals)).one()
+        lines = conn.execute(select(journal_lines)).all()
+        message_id = conn.execute(select(messages.c.id)).scalar_one()
+    assert journal.total_debit == journal.total_credit == Decimal("135.50")
+    assert {line.source_message_id for line in lines} == {message_id}
+    assert count(engine, charge_lines, charge_lines.c.journal_id.is_(None)) == 0
+
+
+def test_restart_processes_stored_messages(
+    engine: Engine, config: Configuration, tmp_path: Path
+) -> None:
+    # Stored but never processed, as after a crash between the two steps.
+    store_inputs(engine, split_path(write(tmp_path, "x.hl7", MESSAGE_X)), source="test")
+    assert count(engine, messages, messages.c.state == "received") == 1
+
+    process_pending(engine, config, as_of=AS_OF)
+
+    assert count(engine, messages, messages.c.state == "received") == 0
+    assert count(engine, charge_lines) == 1
+
+
+def test_no_patient_data_in_logs(
+    engine: Engine, config: Configuration, tmp_path: Path, caplog
+) -> None:
+    name = b"ZZYZXFAMILY^QWERTYGIVEN"
+    identifier = b"MRN8675309"
+    message = MESSAGE_X.replace(b"TESTPATIENT^THETA", name).replace(b"MRN0011", identifier)
+    bad = MESSAGE_Y.replace(b"TESTPATIENT^THETA", name).replace(b"MRN0011", identifier)
+    bad = bad.replace(b"|CTL0011|", b"|CTL0077|").replace(b"80.00&USD|80.00", b"8O.00&USD|80.00")
+    caplog.set_level(logging.DEBUG)
+    run_job(
+        engine,
+        config,
+        JobOptions(paths=[write(tmp_path, "p.hl7", message), write(tmp_path, "q.hl7", bad)],
+                   out_dir=tmp_path / "out", as_of=AS_OF),
+    )
+    text = "\n".join(
+        f"{record.getMessage()} {record.__dict__}" for record in caplog.records
+    )
+    assert caplog.records, "the run logs its start and stop"
+    for secret in ("ZZYZXFAMILY", "QWERTYGIVEN", "MRN8675309", "8675309"):
+        assert secret not in text
