@@ -14,6 +14,7 @@ import click
 from carebridge.config import load_configuration
 from carebridge.engine.job import JobOptions, run_job
 from carebridge.errors import CarebridgeError
+from carebridge.logs import configure as configure_logging
 from carebridge.store.db import DEFAULT_DATABASE, open_engine, sqlite_url
 
 log = logging.getLogger(__name__)
@@ -118,8 +119,13 @@ def config_option(function: Any) -> Any:
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("-v", "--verbose", count=True, help="Log more: -v for INFO, -vv for DEBUG.")
-def main(verbose: int) -> None:
+@click.option(
+    "-v", "--verbose", count=True,
+    help="Log more on stderr: -v for warnings, -vv for INFO, -vvv for DEBUG. "
+    "With --out, INFO and above also go to OUT/carebridge.log.",
+)
+@click.pass_context
+def main(ctx: click.Context, verbose: int) -> None:
     """carebridge turns clinical messages into the finance work they imply.
 
     It stores each HL7 v2, FHIR R4 or Synthea CSV message verbatim, maps it to
@@ -127,8 +133,9 @@ def main(verbose: int) -> None:
     supplies from inventory, and posts balanced journals. What cannot be
     posted becomes a work item with a reason code.
     """
-    level = [logging.WARNING, logging.INFO, logging.DEBUG][min(verbose, 2)]
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    levels = [logging.ERROR, logging.WARNING, logging.INFO, logging.DEBUG]
+    ctx.obj = {"console_level": levels[min(verbose, 3)]}
+    configure_logging(ctx.obj["console_level"])
 
 
 @main.command()
@@ -217,6 +224,9 @@ def _run(
     source: str,
 ) -> None:
     progress = Progress(enabled=not as_json)
+    if out_dir is not None:
+        console_level = click.get_current_context().find_root().obj["console_level"]
+        configure_logging(console_level, out_dir / "carebridge.log")
     try:
         config = load_configuration(config_dir or bundled("demo", "config"))
         engine = open_engine(db_url)

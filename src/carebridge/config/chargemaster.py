@@ -78,7 +78,7 @@ _SLUG_WORDS = {
 
 @dataclass
 class ChargemasterLoad:
-    """What one chargemaster file yielded.
+    """Result of loading one chargemaster file: its items, bad rows and row counts.
 
     Attributes:
         items: Loaded items, one per charge code, in file order.
@@ -211,7 +211,7 @@ def load_chargemaster(
     }
     if fmt not in readers:
         raise ConfigurationError(
-            f"unknown chargemaster format {fmt!r}; expected one of {', '.join(FORMATS)}",
+            f"invalid chargemaster format {fmt!r}; expected one of {', '.join(FORMATS)}",
             path=str(path),
         )
     text = _read_text(path, encoding)
@@ -226,7 +226,7 @@ def _read_text(path: Path, encoding: str | None) -> str:
         data = path.read_bytes()
     except OSError as exc:
         raise ConfigurationError(
-            f"cannot read chargemaster: {exc}", path=str(path)
+            f"failed to read chargemaster: {exc}", path=str(path)
         ) from exc
     for candidate in [encoding] if encoding else ["utf-8-sig", "cp1252"]:
         try:
@@ -234,7 +234,8 @@ def _read_text(path: Path, encoding: str | None) -> str:
         except (UnicodeDecodeError, LookupError):
             continue
     raise ConfigurationError(
-        f"cannot decode chargemaster as {encoding}", path=str(path)
+        f"failed to decode chargemaster as {encoding}; set chargemaster.encoding",
+        path=str(path),
     )
 
 
@@ -264,13 +265,15 @@ def _header_index(
     missing = [name for name in wanted if name not in index]
     if missing:
         raise ConfigurationError(
-            f"chargemaster header lacks column(s) {', '.join(missing)}",
+            f"chargemaster header is missing column(s) {', '.join(missing)}; check the format",
             path=str(path),
             line=line,
         )
     return index
 
 
+# NOTE: a price of $0.00 is valid and loads as an item. The OSHPD file has 1,129
+# such rows (professional-fee and write-off lines), so a $0 charge can result.
 def _price(
     path: Path, line: int, column: str, cell: str, load: ChargemasterLoad
 ) -> Decimal | None:
@@ -513,7 +516,8 @@ def _load_cms_csv(path: Path, text: str, load: ChargemasterLoad) -> list[_Candid
     names = [_normalise_header(name) for name in header]
     if "description" not in names or "standard_charge|gross" not in names:
         raise ConfigurationError(
-            "CMS CSV header (row 3) lacks 'description' or 'standard_charge|gross'",
+            "CMS CSV header (row 3) is missing 'description' or 'standard_charge|gross'; "
+            "check the format",
             path=str(path),
             line=header_line,
         )

@@ -87,7 +87,9 @@ def read_yaml(path: Path) -> YamlDocument:
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         line = mark.line + 1 if mark else None
-        raise ConfigurationError(f"not valid YAML: {exc.problem}", path=str(path), line=line) from exc
+        raise ConfigurationError(
+            f"not valid YAML: {exc.problem}", path=str(path), line=line
+        ) from exc
     finally:
         loader.dispose()
     return YamlDocument(path, data, root)
@@ -99,7 +101,10 @@ def _refuse_duplicate_keys(path: Path, node: yaml.Node) -> None:
         for key, value in node.value:
             if key.value in seen:
                 raise ConfigurationError(
-                    "duplicate key", path=str(path), line=key.start_mark.line + 1, field=key.value
+                    "duplicate key",
+                    path=str(path),
+                    line=key.start_mark.line + 1,
+                    field=key.value,
                 )
             seen.add(key.value)
             _refuse_duplicate_keys(path, value)
@@ -128,7 +133,9 @@ def validate_yaml(document: YamlDocument, model: type[ModelT]) -> ModelT:
         ) from None
 
 
-def read_csv(path: Path, model: type[ModelT], *, key: Sequence[str] = ()) -> list[CsvRow]:
+def read_csv(
+    path: Path, model: type[ModelT], *, key: Sequence[str] = ()
+) -> list[CsvRow]:
     """Read and validate a CSV file whose first line is the header.
 
     Blank lines are skipped. Cells are stripped; an empty cell is ``None``.
@@ -158,7 +165,9 @@ def read_csv(path: Path, model: type[ModelT], *, key: Sequence[str] = ()) -> lis
             continue
         if len(record) != len(header):
             raise ConfigurationError(
-                f"expected {len(header)} columns, found {len(record)}", path=str(path), line=line
+                f"expected {len(header)} columns, found {len(record)}",
+                path=str(path),
+                line=line,
             )
         cells = {name: (cell.strip() or None) for name, cell in zip(header, record)}
         value = _validate_row(path, line, model, cells)
@@ -168,7 +177,9 @@ def read_csv(path: Path, model: type[ModelT], *, key: Sequence[str] = ()) -> lis
     return rows
 
 
-def _check_header(path: Path, header: list[str], model: type[pydantic.BaseModel]) -> None:
+def _check_header(
+    path: Path, header: list[str], model: type[pydantic.BaseModel]
+) -> None:
     fields = model.model_fields
     required = [name for name, info in fields.items() if info.is_required()]
     missing = [name for name in required if name not in header]
@@ -182,21 +193,31 @@ def _check_header(path: Path, header: list[str], model: type[pydantic.BaseModel]
             )
             if part
         )
-        raise ConfigurationError(detail, path=str(path), line=1, field=(missing or unknown)[0])
+        raise ConfigurationError(
+            detail, path=str(path), line=1, field=(missing or unknown)[0]
+        )
 
 
-def _validate_row(path: Path, line: int, model: type[ModelT], cells: dict[str, Any]) -> ModelT:
+def _validate_row(
+    path: Path, line: int, model: type[ModelT], cells: dict[str, Any]
+) -> ModelT:
     present = {name: value for name, value in cells.items() if value is not None}
     try:
         return model.model_validate(present)
     except pydantic.ValidationError as exc:
         problem = exc.errors()[0]
         field = ".".join(str(step) for step in problem["loc"]) or None
-        raise ConfigurationError(problem["msg"], path=str(path), line=line, field=field) from None
+        raise ConfigurationError(
+            problem["msg"], path=str(path), line=line, field=field
+        ) from None
 
 
 def _check_unique(
-    path: Path, line: int, key: Sequence[str], value: Any, seen: dict[tuple[Any, ...], int]
+    path: Path,
+    line: int,
+    key: Sequence[str],
+    value: Any,
+    seen: dict[tuple[Any, ...], int],
 ) -> None:
     values = tuple(getattr(value, name) for name in key)
     if values in seen:

@@ -112,11 +112,17 @@ def _store_one(
             insert(message_keys).values(
                 dedup_key=item.dedup_key,
                 message_id=message_id,
-                content_sha256=item.content_sha256,
+                content_sha256=item.dedup_digest,
             )
         )
-    elif owner.content_sha256 == item.content_sha256:
+    elif owner.content_sha256 == item.dedup_digest:
         _set_state(conn, message_id, DUPLICATE, duplicate_of=owner.message_id)
+        result.duplicates += 1
+        return
+    elif (earlier := _identical_earlier(conn, item, message_id)) is not None:
+        # A resend of a message that was itself failed for reusing the key:
+        # it already has its work item, so it is only a duplicate.
+        _set_state(conn, message_id, DUPLICATE, duplicate_of=earlier)
         result.duplicates += 1
         return
     else:
@@ -132,6 +138,19 @@ def _store_one(
         _fail(conn, message_id, Rejection(Reason.MALFORMED_INPUT, item.problem), result)
         return
     result.stored += 1
+
+
+def _identical_earlier(conn: Connection, item: RawInput, message_id: int) -> int | None:
+    return conn.execute(
+        select(messages.c.id)
+        .where(
+            messages.c.dedup_key == item.dedup_key,
+            messages.c.content_sha256 == item.content_sha256,
+            messages.c.id < message_id,
+        )
+        .order_by(messages.c.id)
+        .limit(1)
+    ).scalar()
 
 
 def _set_state(conn: Connection, message_id: int, state: str, **values: object) -> None:

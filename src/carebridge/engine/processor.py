@@ -296,6 +296,7 @@ def _process_one(conn: Connection, row, applier: BatchApplier) -> bool:
         return True
     except InputError as exc:
         savepoint.rollback()
+        failure: Exception = exc
         log.warning(
             "message rejected",
             extra={"action": "message_failed", "message_id": row.id,
@@ -311,8 +312,8 @@ def _process_one(conn: Connection, row, applier: BatchApplier) -> bool:
             extra={"action": "message_error", "message_id": row.id,
                    "error_type": type(exc).__name__},
         )
-        exc = Exception(f"processing failed: {type(exc).__name__}: {exc}")
-    _fail_message(conn, row.id, exc)
+        failure = Exception(f"processing failed: {type(exc).__name__}: {exc}")
+    _fail_message(conn, row.id, failure)
     return False
 
 

@@ -17,7 +17,9 @@ Mapper = Callable[[bytes, int, int], CanonicalBatch]
 
 
 def _map_hl7v2(raw: bytes, message_id: int, _occurrence: int) -> CanonicalBatch:
-    message = parse_message(raw)
+    # Files carry no charset negotiation; UTF-8 is the channel default and a
+    # superset of the ASCII that HL7 v2 assumes when MSH-18 is empty.
+    message = parse_message(raw, default_charset="utf-8")
     batch = map_message(message, message_id)
     batch.warnings[:0] = list(message.warnings)
     return batch

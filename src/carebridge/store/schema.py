@@ -95,7 +95,10 @@ message_keys = Table(
     Column("message_id", Integer, ForeignKey("messages.id"), nullable=False),
     Column("content_sha256", String(64), nullable=False),
 )
-"""First claim of each dedup key; the primary key makes the check race-free."""
+"""First claim of each dedup key; the primary key makes the check race-free.
+
+``content_sha256`` is the digest that tells a resend from a different message
+under the same key (for HL7 v2, taken with CR segment terminators)."""
 
 patients = Table(
     "patients",

@@ -166,7 +166,13 @@ class ChargeCapture:
             )
         quantity = service.quantity
         if service.amount is not None:
-            amount = service.amount
+            if to_cents(service.amount) != service.amount:
+                return Rejection(
+                    Reason.AMOUNT_MISMATCH,
+                    f"amount {service.amount} has fractions of a cent; send it "
+                    "rounded to the cent",
+                )
+            amount = to_cents(service.amount)
             unit_price = service.unit_price
             if unit_price is None:
                 unit_price = amount / quantity

@@ -41,7 +41,9 @@ class RawInput:
     row, bytes outside a frame); such input is still stored, then failed.
     ``occurrence`` numbers rows of one CSV file that describe the same event
     key (Synthea writes two identical rows for two identical supply uses), so
-    that the second is a second event, not a resend.
+    that the second is a second event, not a resend. ``dedup_digest`` is the
+    hash that decides whether a message under a known dedup key is a resend;
+    for HL7 v2 it ignores the segment-terminator style.
     """
 
     format: str
@@ -51,11 +53,30 @@ class RawInput:
     dedup_key: str
     problem: str | None = None
     occurrence: int = 1
+    dedup_digest: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.dedup_digest:
+            object.__setattr__(self, "dedup_digest", self.content_sha256)
 
 
 def sha256(data: bytes) -> str:
     """Return the hex SHA-256 of ``data``."""
     return hashlib.sha256(data).hexdigest()
+
+
+def hl7_content_digest(payload: bytes) -> str:
+    """Return the SHA-256 of an HL7 v2 message with CR segment terminators.
+
+    A resend that only changed LF or CRLF terminators into CR (or back) is the
+    same message. The rule matches the parser's: without any CR, LF ends a
+    segment; otherwise only a LF directly after a CR is dropped.
+    """
+    if b"\r" in payload:
+        normalised = payload.replace(b"\r\n", b"\r")
+    else:
+        normalised = payload.replace(b"\n", b"\r")
+    return sha256(normalised.rstrip(b"\r"))
 
 
 def hl7_dedup_key(payload: bytes, digest: str) -> str:
@@ -107,6 +128,7 @@ def split_hl7(path: Path, data: bytes) -> Iterator[RawInput]:
             raw=message.payload,
             content_sha256=digest,
             dedup_key=hl7_dedup_key(message.payload, digest),
+            dedup_digest=hl7_content_digest(message.payload),
         )
     for problem in result.problems:
         log.warning(

@@ -140,7 +140,7 @@ def _split_frames(
 def _report_gap(
     data: bytes, start: int, end: int, split: FileSplit, where: str
 ) -> None:
-    """Record a problem when ``data[start:end]`` holds more than filler."""
+    """Record a problem when ``data[start:end]`` contains more than filler."""
     gap = data[start:end]
     if not gap:
         return

@@ -1,0 +1,197 @@
+"""Pydantic models of each configuration file: one model per file or CSV row.
+
+Models check one value or one row; checks across files (an account a
+department names must be in the chart) are in :mod:`carebridge.config.assemble`.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from decimal import Decimal
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+
+from carebridge.config.chargemaster import FORMATS
+from carebridge.config.model import AccountType
+from carebridge.model.codes import code_system_from
+
+# Beancount account roots, by account type (beancount's default option names).
+LEDGER_ROOTS = {
+    AccountType.ASSET: "Assets",
+    AccountType.LIABILITY: "Liabilities",
+    AccountType.EQUITY: "Equity",
+    AccountType.REVENUE: "Income",
+    AccountType.EXPENSE: "Expenses",
+}
+# Beancount: components after the root start with a capital letter or digit.
+LEDGER_NAME = r"^[A-Z][A-Za-z]*(:[A-Z0-9][A-Za-z0-9-]*)+$"
+REVENUE_CODE = r"^\d{4}$"
+CPT_HCPCS = r"^(\d{4}[0-9A-Z]|[A-Z]\d{4})$"
+
+
+def _shape(code: str) -> str:
+    # Mirrors assemble.code_shape: CPT digits, CPT II/III suffix, HCPCS letter.
+    if code.isdigit():
+        return "CPT"
+    return code[0] if code[0].isalpha() else f"CPT-{code[-1]}"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", str_strip_whitespace=True, frozen=True)
+
+
+class ChargemasterRef(_Strict):
+    """``chargemaster:`` in carebridge.yaml: which file is the house CDM."""
+
+    path: str = Field(min_length=1)
+    format: Literal[FORMATS]  # type: ignore[valid-type]
+    version_id: str = Field(min_length=1)
+    effective_from: dt.date
+    encoding: str | None = None
+
+
+class AccountRefs(_Strict):
+    """``accounts:`` in carebridge.yaml: the balance-sheet accounts used."""
+
+    receivable: str = Field(min_length=1)
+    inventory: str = Field(min_length=1)
+
+
+class RulesSection(_Strict):
+    """``rules:`` in carebridge.yaml: limits on automatic charging."""
+
+    earliest_service_date: dt.date
+    latest_service_date: dt.date | None = None
+    max_units: Decimal = Field(gt=0)
+
+
+class MainFile(_Strict):
+    """carebridge.yaml."""
+
+    version: str = Field(min_length=1)
+    effective_from: dt.date
+    currency: str = Field(pattern=r"^[A-Z]{3}$")  # ISO 4217
+    accounts: AccountRefs
+    chargemaster: ChargemasterRef
+    rules: RulesSection
+
+
+class DepartmentEntry(_Strict):
+    """One department in departments.yaml."""
+
+    code: str = Field(min_length=1, pattern=r"^[A-Z0-9_-]+$")
+    name: str = Field(min_length=1)
+    cost_center: str = Field(min_length=1)
+    revenue_account: str = Field(min_length=1)
+    supply_expense_account: str = Field(min_length=1)
+
+
+class DepartmentsFile(_Strict):
+    """departments.yaml."""
+
+    version: str = Field(min_length=1)
+    effective_from: dt.date
+    departments: list[DepartmentEntry] = Field(min_length=1)
+
+
+class AccountRow(_Strict):
+    """A row of accounts.csv; ``ledger_name``'s root must match ``type``."""
+
+    number: str = Field(pattern=r"^\d+$")
+    name: str
+    type: AccountType
+    ledger_name: str = Field(pattern=LEDGER_NAME)
+
+    @field_validator("ledger_name")
+    @classmethod
+    def _root_matches_type(cls, value: str, info: ValidationInfo) -> str:
+        kind = info.data.get("type")
+        if kind is not None and value.split(":", 1)[0] != LEDGER_ROOTS[kind]:
+            raise ValueError(f"a {kind} account must be under {LEDGER_ROOTS[kind]}:")
+        return value
+
+
+class RevenueCodeRangeRow(_Strict):
+    """A row of revenue_codes.csv: a CPT/HCPCS range and its revenue code."""
+
+    system: Literal["CPT", "HCPCS"]
+    range_start: str = Field(pattern=CPT_HCPCS)
+    range_end: str = Field(pattern=CPT_HCPCS)
+    revenue_code: str = Field(pattern=REVENUE_CODE)
+    note: str | None = None
+
+    @field_validator("range_end")
+    @classmethod
+    def _ordered(cls, value: str, info: ValidationInfo) -> str:
+        start = info.data.get("range_start")
+        if start is not None and (value < start or _shape(value) != _shape(start)):
+            raise ValueError(
+                f"range end {value} is before or unlike range start {start}"
+            )
+        return value
+
+
+class RevenueCodeDepartmentRow(_Strict):
+    """A row of revenue_code_departments.csv; the longest prefix wins."""
+
+    revenue_code_prefix: str = Field(pattern=r"^\d{1,4}$")
+    department: str
+    note: str | None = None
+
+
+class EncounterClassRow(_Strict):
+    """A row of encounter_class_departments.csv."""
+
+    encounter_class: str
+    source: str
+    department: str
+    note: str | None = None
+
+
+class CrosswalkRow(_Strict):
+    """A row of a crosswalks/*.csv file."""
+
+    source_system: str
+    source_code: str
+    charge_code: str
+    note: str | None = None
+
+    @field_validator("source_system")
+    @classmethod
+    def _known_system(cls, value: str) -> str:
+        system = code_system_from(value)
+        if system is None:
+            raise ValueError(f"unknown code system {value!r}")
+        return system
+
+
+class SupplyItemRow(_Strict):
+    """A row of supply_items.csv (the demo item master)."""
+
+    system: str
+    code: str
+    item_code: str
+    description: str
+    unit_cost: Decimal = Field(ge=0)
+    implant: bool
+    chargeable: bool
+    charge_code: str | None = Field(default=None, validate_default=True)
+    note: str | None = None
+
+    @field_validator("system")
+    @classmethod
+    def _known_system(cls, value: str) -> str:
+        system = code_system_from(value)
+        if system is None:
+            raise ValueError(f"unknown code system {value!r}")
+        return system
+
+    @field_validator("charge_code")
+    @classmethod
+    def _charge_code_if_chargeable(
+        cls, value: str | None, info: ValidationInfo
+    ) -> str | None:
+        if info.data.get("chargeable") and not value:
+            raise ValueError("a chargeable supply needs a charge_code")
+        return value
