@@ -9,7 +9,7 @@ tree; CSV lines are physical lines (a quoted field may span several).
 from __future__ import annotations
 
 import csv
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -113,6 +113,17 @@ def _refuse_duplicate_keys(path: Path, node: yaml.Node) -> None:
             _refuse_duplicate_keys(path, item)
 
 
+def _describe(problem: Mapping[str, Any]) -> str:
+    """Return pydantic's message with the rejected value and what to do."""
+    message = str(problem["msg"])
+    if problem.get("type") == "missing":
+        return f"{message}; add it and restart"
+    value = problem.get("input")
+    if isinstance(value, (str, int, float, bool)) or value is None:
+        return f"{message} (got {value!r}); correct it and restart"
+    return f"{message}; correct it and restart"
+
+
 def validate_yaml(document: YamlDocument, model: type[ModelT]) -> ModelT:
     """Validate a YAML document against a pydantic model.
 
@@ -126,7 +137,7 @@ def validate_yaml(document: YamlDocument, model: type[ModelT]) -> ModelT:
         problem = exc.errors()[0]
         location = problem["loc"]
         raise ConfigurationError(
-            problem["msg"],
+            _describe(problem),
             path=str(document.path),
             line=document.line_of(location),
             field=".".join(str(step) for step in location) or None,
@@ -208,7 +219,7 @@ def _validate_row(
         problem = exc.errors()[0]
         field = ".".join(str(step) for step in problem["loc"]) or None
         raise ConfigurationError(
-            problem["msg"], path=str(path), line=line, field=field
+            _describe(problem), path=str(path), line=line, field=field
         ) from None
 
 

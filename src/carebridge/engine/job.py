@@ -47,7 +47,7 @@ ProgressCallback = Callable[[str, int, int], None]
 
 @dataclass(frozen=True, slots=True)
 class JobOptions:
-    """What one run reads and where it writes."""
+    """Inputs and output folder of one run."""
 
     paths: Sequence[Path]
     out_dir: Path | None

@@ -12,18 +12,24 @@ import logging
 from collections import defaultdict
 from dataclasses import dataclass
 
-from sqlalchemy import Engine, func, insert, select
+from sqlalchemy import Connection, Engine, func, insert, select
 
 from carebridge.config.model import Configuration
+from carebridge.errors import StoreError
 from carebridge.store.schema import charge_lines, journal_lines, journals, supply_issues
-from carebridge.workflows.journals import build_journals, charge_posting, supply_posting
+from carebridge.workflows.journals import (
+    JournalDraft,
+    build_journals,
+    charge_posting,
+    supply_posting,
+)
 
 log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, slots=True)
 class PostingResult:
-    """What one posting pass wrote."""
+    """Counts of the journals and lines one posting pass wrote."""
 
     batch: int | None
     journals: int
@@ -93,15 +99,22 @@ def post_journals(engine: Engine, config: Configuration) -> PostingResult:
     return PostingResult(batch=batch, journals=len(drafts), lines=line_count)
 
 
-def _mark_journaled(conn, draft, journal_id: int) -> None:
+def _mark_journaled(conn: Connection, draft: JournalDraft, journal_id: int) -> None:
     ids: dict[str, set[int]] = defaultdict(set)
     for line in draft.lines:
         ids[line.source_kind].add(line.source_record_id)
     tables = {"charge": charge_lines, "supply": supply_issues}
     for kind, record_ids in ids.items():
         table = tables[kind]
-        conn.execute(
+        marked = conn.execute(
             table.update()
             .where(table.c.id.in_(sorted(record_ids)), table.c.journal_id.is_(None))
             .values(journal_id=journal_id)
-        )
+        ).rowcount
+        if marked != len(record_ids):
+            # Another posting pass journaled some of these records after this
+            # one read them; raising rolls this whole pass back.
+            raise StoreError(
+                f"{len(record_ids) - marked} {kind} records were journaled by a "
+                "concurrent posting pass; run posting again"
+            )

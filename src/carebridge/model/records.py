@@ -40,7 +40,7 @@ NULL = Null()
 
 
 class ServiceKind(StrEnum):
-    """What kind of clinical event a service was documented as."""
+    """The kind of clinical event a service was documented as."""
 
     PROCEDURE = "procedure"
     ENCOUNTER = "encounter"
@@ -60,7 +60,7 @@ class TransactionType(StrEnum):
 
 @dataclass(frozen=True, slots=True)
 class Patient:
-    """A patient as the EHR knows them; fields left ``None`` were not sent.
+    """A patient as the EHR records them; fields left ``None`` were not sent.
 
     A field set to ``NULL`` was explicitly cleared by the source.
     """

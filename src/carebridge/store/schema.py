@@ -82,7 +82,7 @@ messages = Table(
 """Every raw input, stored verbatim before anything else happens.
 
 ``state`` is ``received`` until processed, then ``processed``, ``failed`` (a
-work item holds the reason) or ``duplicate`` (``duplicate_of`` names the
+work item records the reason) or ``duplicate`` (``duplicate_of`` names the
 first copy). ``origin`` locates the message in its file (path and line or
 byte offset). ``occurrence`` numbers identical CSV rows of one file that are
 distinct events.
@@ -97,7 +97,7 @@ message_keys = Table(
 )
 """First claim of each dedup key; the primary key makes the check race-free.
 
-``content_sha256`` is the digest that tells a resend from a different message
+``content_sha256`` is the digest that distinguishes a resend from a different message
 under the same key (for HL7 v2, taken with CR segment terminators)."""
 
 patients = Table(

@@ -10,7 +10,7 @@ from enum import StrEnum
 
 
 class Reason(StrEnum):
-    """Why a message, service or supply usage could not be posted."""
+    """Reason code of a message, service or supply usage that could not be posted."""
 
     MALFORMED_INPUT = "malformed_input"
     CONTROL_ID_REUSED = "control_id_reused"

@@ -130,20 +130,22 @@ def split_hl7(path: Path, data: bytes) -> Iterator[RawInput]:
             dedup_key=hl7_dedup_key(message.payload, digest),
             dedup_digest=hl7_content_digest(message.payload),
         )
-    for problem in result.problems:
+    if result.problems:
         log.warning(
-            "framing problem in file",
-            extra={"action": "ingest_framing_problem", "file": str(path)},
+            "framing problems in file",
+            extra={"action": "ingest_framing_problem", "file": str(path),
+                   "problems": len(result.problems)},
         )
-        # The file as a whole is kept with the problem so nothing is lost.
+        # The whole file is stored once with its problems, so that bytes no
+        # message claimed are kept for a person to inspect and replay.
         digest = sha256(data)
         yield RawInput(
             format=HL7V2,
             origin=str(path),
             raw=data,
             content_sha256=digest,
-            dedup_key=f"hl7v2-file|sha256:{digest}|{sha256(problem.encode())}",
-            problem=problem,
+            dedup_key=f"hl7v2-file|sha256:{digest}",
+            problem="; ".join(result.problems),
         )
 
 
