@@ -11,7 +11,8 @@ from typing import Any
 
 import click
 
-from carebridge.config import load_configuration
+from carebridge.config import load_chargemaster, load_configuration
+from carebridge.config.chargemaster import FORMATS as CHARGEMASTER_FORMATS
 from carebridge.engine.job import JobOptions, run_job
 from carebridge.errors import CarebridgeError
 from carebridge.logs import configure as configure_logging
@@ -86,6 +87,11 @@ def print_summary(summary: dict[str, Any]) -> None:
     ]
     for reason, count in items["by_reason"].items():
         lines.append(f"    {reason:<28}{count:>6}")
+    master = summary["chargemaster"]
+    lines.append(
+        f"  chargemaster         {master['items']:>8}   items, version {master['version']}"
+        f" ({master['bad_rows']} bad rows reported at start)"
+    )
     check = summary.get("ledger_check")
     if check is not None:
         lines.append(f"  ledger check         {'ok' if check['ok'] else 'FAILED'}")
@@ -211,6 +217,47 @@ def ingest(
     """
     _run(list(paths), out_dir, db_url or sqlite_url(DEFAULT_DATABASE), as_json,
          config_dir, command="ingest", source=source)
+
+
+@main.command()
+@click.argument("path", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(CHARGEMASTER_FORMATS),
+    required=True,
+    help="Layout of the file: CMS price-transparency v3 (tall CSV, wide CSV, "
+    "JSON) or a 2019 hospital CDM with a CPT or a revenue-code column.",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print the report as one JSON object.")
+def chargemaster(path: Path, fmt: str, as_json: bool) -> None:
+    """Load a chargemaster file and report its items and every bad row.
+
+    Nothing is stored; use this to check a price list before naming it as the
+    house chargemaster in carebridge.yaml. Each bad row is reported with its
+    file, line and column, and is never guessed.
+    """
+    load = load_chargemaster(path, fmt)
+    report = {
+        "file": str(path),
+        "format": fmt,
+        "rows_read": load.rows_read,
+        "items": len(load.items),
+        "blank_rows": load.blank_rows,
+        "bad_rows": len(load.errors),
+        "errors": [str(error) for error in load.errors],
+    }
+    if as_json:
+        click.echo(json.dumps(report, indent=2))
+    else:
+        click.echo(
+            f"{path}: {report['items']} items from {report['rows_read']} rows "
+            f"({report['blank_rows']} blank, {report['bad_rows']} bad)"
+        )
+        for error in report["errors"]:
+            click.echo(f"  {error}")
+    if load.errors:
+        sys.exit(1)
 
 
 def _run(

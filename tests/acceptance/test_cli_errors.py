@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 import sys
@@ -74,3 +75,16 @@ def test_unknown_file_format_is_clear(tmp_path: Path) -> None:
     assert result.returncode == 1
     assert "format not recognised" in result.stderr
     assert "notes.txt" in result.stderr
+
+
+def test_chargemaster_report_names_bad_rows() -> None:
+    data = CONFIG.parent / "data" / "chargemasters" / "cms-v3"
+    result = carebridge(
+        "chargemaster", "--format", "cms-v3-tall-csv", "--json",
+        str(data / "V3.0.0_Tall_CSV_Format_Example.csv"),
+    )
+    report = json.loads(result.stdout)
+    assert result.returncode == 1
+    assert report["items"] == 12
+    assert report["bad_rows"] == 7
+    assert any(":6: column 'standard_charge|gross'" in error for error in report["errors"])

@@ -128,7 +128,11 @@ def run_job(
     summary["elapsed_seconds"] = round(elapsed, 3)
     summary["messages_per_second"] = round(intake.read / elapsed, 1) if elapsed else None
     summary["database"] = engine.url.render_as_string(hide_password=True)
-    summary["chargemaster_version"] = config.chargemaster_version.version_id
+    summary["chargemaster"] = {
+        "version": config.chargemaster_version.version_id,
+        "items": len(config.chargemaster),
+        "bad_rows": len(config.chargemaster_problems),
+    }
     summary["outputs"] = {name: str(path) for name, path in outputs.items()}
     if "beancount" in outputs:
         errors = check_beancount(outputs["beancount"])
