@@ -1,4 +1,4 @@
-"""Fixtures for pipeline tests on a real SQLite database."""
+"""Fixtures for pipeline tests on real databases: SQLite and PostgreSQL."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from sqlalchemy import Engine
 
 from carebridge.config import load_configuration
 from carebridge.config.model import Configuration
-from carebridge.store.db import open_engine, sqlite_url
+from carebridge.store.db import open_engine
 
 DEMO = Path(str(resources.files("carebridge").joinpath("demo")))
 
@@ -22,8 +22,13 @@ def config() -> Configuration:
 
 
 @pytest.fixture()
-def engine(tmp_path: Path) -> Iterator[Engine]:
-    db = open_engine(sqlite_url(tmp_path / "test.db"))
+def engine(db_url: str) -> Iterator[Engine]:
+    """The carebridge database of one test, migrated to the newest schema.
+
+    Parametrized through ``db_url`` (tests/conftest.py): every test that
+    uses it runs on SQLite and on PostgreSQL.
+    """
+    db = open_engine(db_url)
     yield db
     db.dispose()
 

@@ -210,3 +210,31 @@ def test_no_patient_data_in_logs(
     assert caplog.records, "the run logs its start and stop"
     for secret in ("ZZYZXFAMILY", "QWERTYGIVEN", "MRN8675309", "8675309"):
         assert secret not in text
+
+
+def test_reused_transaction_id_conflict(
+    engine: Engine, config: Configuration, tmp_path: Path
+) -> None:
+    changed = MESSAGE_X_NEW_CONTROL_ID.replace(b"135.50&USD|135.50&USD", b"500.00&USD|500.00&USD")
+    ingest(engine, config, write(tmp_path, "x.hl7", MESSAGE_X), write(tmp_path, "c.hl7", changed))
+
+    with engine.connect() as conn:
+        amounts = conn.execute(select(charge_lines.c.amount)).scalars().all()
+        reasons = conn.execute(select(work_items.c.reason)).scalars().all()
+    assert amounts == [Decimal("135.50")]
+    assert reasons == ["service_key_conflict"]
+
+
+def test_batch_sees_earlier_messages(
+    engine: Engine, config: Configuration, tmp_path: Path
+) -> None:
+    # The ADT registering the visit and the charge for it share one batch.
+    adt = hl7(
+        "MSH|^~\\&|ADTSYS|SENDFAC|FINAPP|RCVFAC|20240501110000||ADT^A04|CTL0500|P|2.5",
+        "EVN|A04|20240501110000",
+        "PID|1||MRN0500^^^SENDFAC^MR||TESTPATIENT^OMEGA",
+        "PV1|1|O|CLINIC1||||||||||||||||VIS0500",
+    )
+    charge = MESSAGE_X.replace(b"VIS0011", b"VIS0500").replace(b"TXN0011", b"TXN0500")
+    ingest(engine, config, write(tmp_path, "a.hl7", adt), write(tmp_path, "b.hl7", charge))
+    assert count(engine, charge_lines, charge_lines.c.encounter_id == "VIS0500") == 1

@@ -131,3 +131,38 @@ def test_rounding_is_half_up() -> None:
     assert to_cents(Decimal("0.125")) == Decimal("0.13")
     assert to_cents(Decimal("0.135")) == Decimal("0.14")
     assert to_cents(Decimal("-0.125")) == Decimal("-0.13")
+
+
+@pytest.mark.parametrize(
+    ("changes", "reason"),
+    [
+        ({"amount": Decimal("0.00")}, Reason.AMOUNT_INVALID),
+        ({"unit_price": Decimal("-50")}, Reason.AMOUNT_INVALID),
+        ({"unit_price": Decimal("0.001")}, Reason.AMOUNT_INVALID),
+        ({"amount": Decimal("12.345")}, Reason.AMOUNT_MISMATCH),
+        ({"amount": Decimal("999999999.00")}, Reason.AMOUNT_TOO_HIGH),
+        ({"quantity": Decimal("1.5")}, Reason.UNITS_NOT_WHOLE),
+    ],
+)
+def test_sent_price_checks(changes: dict, reason: Reason) -> None:
+    result = price(service(code_system=CPT, code="99213", **changes))
+    assert isinstance(result, Rejection)
+    assert result.reason is reason
+
+
+def test_unit_price_derived_to_cent() -> None:
+    svc = service(code_system=CPT, code="99213", quantity=Decimal("3"), amount=Decimal("100.00"))
+    line = price(svc)
+    assert isinstance(line, ChargeLine)
+    assert line.amount == Decimal("100.00")
+    assert line.unit_price == Decimal("33.33")
+
+
+def test_credit_with_positive_amount() -> None:
+    svc = service(
+        code_system=CPT, code="99213", amount=Decimal("80.00"),
+        transaction_type=TransactionType.CREDIT,
+    )
+    line = price(svc)
+    assert isinstance(line, ChargeLine)
+    assert line.amount == Decimal("-80.00")

@@ -23,9 +23,19 @@ import itertools
 import logging
 import time
 from pathlib import Path
+from typing import NoReturn
+
+import pydantic
 
 from carebridge.config.chargemaster import load_chargemaster
-from carebridge.config.loader import CsvRow, read_csv, read_yaml, validate_yaml
+from carebridge.config.loader import (
+    CsvRow,
+    YamlDocument,
+    _describe,
+    read_csv,
+    read_yaml,
+    validate_yaml,
+)
 from carebridge.config.model import (
     Account,
     ChargeItem,
@@ -33,6 +43,7 @@ from carebridge.config.model import (
     ChargeRules,
     Configuration,
     Department,
+    DestinationConfig,
     SupplyItem,
 )
 from carebridge.config.schema import (
@@ -45,6 +56,7 @@ from carebridge.config.schema import (
     RevenueCodeRangeRow,
     SupplyItemRow,
 )
+from carebridge.destinations.registry import validate_settings
 from carebridge.errors import ConfigurationError
 
 logger = logging.getLogger(__name__)
@@ -72,6 +84,7 @@ def load_configuration(config_dir: Path) -> Configuration:
     main = validate_yaml(main_doc, MainFile)
     accounts = _load_accounts(config_dir / "accounts.csv")
     _check_main_accounts(main_doc, main, accounts)
+    destinations = _load_destinations(main_doc, main)
     departments = _load_departments(config_dir / "departments.yaml", accounts)
     range_rows = _load_ranges(config_dir / "revenue_codes.csv")
     ranges = [row.value for row in range_rows]
@@ -115,12 +128,14 @@ def load_configuration(config_dir: Path) -> Configuration:
             earliest_service_date=main.rules.earliest_service_date,
             latest_service_date=main.rules.latest_service_date,
             max_units=main.rules.max_units,
+            max_amount=main.rules.max_amount,
             currency=main.currency,
         ),
         sources=tuple(sources),
         chargemaster_problems=problems,
         version=main.version,
         effective_from=main.effective_from,
+        destinations=destinations,
     )
     logger.info(
         "configuration %s loaded in %.2fs: %d accounts, %d departments, %d chargemaster "
@@ -170,6 +185,45 @@ def _check_main_accounts(doc, main: MainFile, accounts: dict[str, Account]) -> N
                 line=doc.line_of(("accounts", name)),
                 field=f"accounts.{name}",
             )
+
+
+def _load_destinations(
+    doc: YamlDocument, main: MainFile
+) -> tuple[DestinationConfig, ...]:
+    """Check each ``destinations:`` entry's name and type-specific settings."""
+    configs: list[DestinationConfig] = []
+    seen: dict[str, int] = {}
+    for index, entry in enumerate(main.destinations):
+        if entry.name in seen:
+            message = f"name already used by destinations.{seen[entry.name]}"
+            _destination_error(doc, (index, "name"), message)
+        seen[entry.name] = index
+        try:
+            settings = validate_settings(entry.type, entry.settings)
+        except LookupError as exc:
+            message = f"{exc.args[0]}; correct it and restart"
+            _destination_error(doc, (index, "type"), message)
+        except pydantic.ValidationError as exc:
+            problem = exc.errors()[0]
+            location = (index, "settings", *problem["loc"])
+            _destination_error(doc, location, _describe(problem))
+        values = entry.model_dump(exclude={"kinds", "settings"})
+        configs.append(
+            DestinationConfig(**values, kinds=tuple(entry.kinds), settings=settings)
+        )
+    return tuple(configs)
+
+
+def _destination_error(
+    doc: YamlDocument, location: tuple, message: str
+) -> NoReturn:
+    path = ("destinations", *location)
+    raise ConfigurationError(
+        message,
+        path=str(doc.path),
+        line=doc.line_of(path),
+        field=".".join(str(step) for step in path),
+    )
 
 
 def _load_departments(

@@ -10,6 +10,7 @@ import datetime as dt
 from dataclasses import dataclass, field
 from decimal import Decimal
 from enum import StrEnum
+from typing import Any
 
 
 class AccountType(StrEnum):
@@ -97,6 +98,33 @@ class ChargeRules:
     latest_service_date: dt.date | None
     max_units: Decimal
     currency: str
+    max_amount: Decimal = Decimal("1000000.00")
+
+
+@dataclass(frozen=True, slots=True)
+class DestinationConfig:
+    """A downstream system that posted records are delivered to.
+
+    ``type`` names an entry of :mod:`carebridge.destinations.registry`;
+    ``settings`` holds that type's own settings, already validated by it.
+    Retries wait ``backoff_base_seconds * 2**(attempt - 1)`` at most, capped
+    at ``backoff_cap_seconds`` (full jitter); after ``max_attempts`` a
+    delivery is dead. ``circuit_failure_threshold`` consecutive failures
+    stop all attempts for ``circuit_cooldown_seconds``.
+    """
+
+    name: str
+    type: str
+    kinds: tuple[str, ...]
+    settings: dict[str, Any]
+    enabled: bool = True
+    max_attempts: int = 10
+    backoff_base_seconds: float = 1.0
+    backoff_cap_seconds: float = 300.0
+    circuit_failure_threshold: int = 5
+    circuit_cooldown_seconds: float = 60.0
+    lease_seconds: float = 300.0
+    batch_size: int = 20
 
 
 @dataclass(frozen=True, slots=True)
@@ -119,3 +147,4 @@ class Configuration:
     chargemaster_problems: tuple[str, ...] = field(default=())
     version: str = ""
     effective_from: dt.date | None = None
+    destinations: tuple[DestinationConfig, ...] = field(default=())

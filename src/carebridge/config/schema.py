@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import datetime as dt
 from decimal import Decimal
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
@@ -64,6 +64,49 @@ class RulesSection(_Strict):
     earliest_service_date: dt.date
     latest_service_date: dt.date | None = None
     max_units: Decimal = Field(gt=0)
+    max_amount: Decimal = Field(gt=0)
+
+
+DELIVERY_KINDS = ("journal",)
+"""Record kinds the engine enqueues for delivery."""
+
+
+class DestinationEntry(_Strict):
+    """One entry of ``destinations:`` in carebridge.yaml.
+
+    ``settings`` belong to the destination ``type`` and are checked by it
+    (see :mod:`carebridge.destinations.registry`).
+    """
+
+    name: str = Field(min_length=1, max_length=60, pattern=r"^[a-z0-9][a-z0-9_-]*$")
+    type: str = Field(min_length=1)
+    enabled: bool = True
+    kinds: list[Literal[DELIVERY_KINDS]] = Field(  # type: ignore[valid-type]
+        min_length=1
+    )
+    settings: dict[str, Any] = Field(default_factory=dict)
+    max_attempts: int = Field(default=10, ge=1, le=1000)
+    backoff_base_seconds: float = Field(default=1.0, gt=0)
+    backoff_cap_seconds: float = Field(default=300.0, gt=0)
+    circuit_failure_threshold: int = Field(default=5, ge=1)
+    circuit_cooldown_seconds: float = Field(default=60.0, gt=0)
+    lease_seconds: float = Field(default=300.0, gt=0)
+    batch_size: int = Field(default=20, ge=1, le=1000)
+
+    @field_validator("kinds")
+    @classmethod
+    def _distinct(cls, value: list[str]) -> list[str]:
+        if len(set(value)) != len(value):
+            raise ValueError("a kind is listed twice")
+        return value
+
+    @field_validator("backoff_cap_seconds")
+    @classmethod
+    def _cap_above_base(cls, value: float, info: ValidationInfo) -> float:
+        base = info.data.get("backoff_base_seconds")
+        if base is not None and value < base:
+            raise ValueError(f"the cap is below backoff_base_seconds ({base})")
+        return value
 
 
 class MainFile(_Strict):
@@ -75,6 +118,7 @@ class MainFile(_Strict):
     accounts: AccountRefs
     chargemaster: ChargemasterRef
     rules: RulesSection
+    destinations: list[DestinationEntry] = Field(default_factory=list)
 
 
 class DepartmentEntry(_Strict):

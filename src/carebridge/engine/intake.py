@@ -16,8 +16,9 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from itertools import islice
 
-from sqlalchemy import Connection, Engine, insert, select
+from sqlalchemy import Connection, Engine, bindparam, insert, select
 
+from carebridge.engine.lanes import lane_of
 from carebridge.ingest.files.sources import RawInput
 from carebridge.store.schema import message_keys, messages, work_items
 from carebridge.workflows.reasons import Reason, Rejection
@@ -81,85 +82,204 @@ def open_work_item(
     ).inserted_primary_key[0]
 
 
-def _store_one(
-    conn: Connection, item: RawInput, source: str, run_id: int | None, result: IntakeResult
-) -> None:
-    now = dt.datetime.now(dt.UTC)
-    message_id = conn.execute(
-        insert(messages).values(
-            source=source,
-            origin=item.origin,
-            format=item.format,
-            received_at=now,
-            content_sha256=item.content_sha256,
-            dedup_key=item.dedup_key,
-            occurrence=item.occurrence,
-            raw=item.raw,
-            state=RECEIVED,
-            run_id=run_id,
-        )
-    ).inserted_primary_key[0]
-    result.read += 1
-    result.by_format[item.format] = result.by_format.get(item.format, 0) + 1
+@dataclass(slots=True)
+class _Decision:
+    """The state one raw input is stored in, decided before the insert."""
 
-    owner = conn.execute(
-        select(message_keys.c.message_id, message_keys.c.content_sha256).where(
-            message_keys.c.dedup_key == item.dedup_key
-        )
-    ).first()
-    if owner is None:
-        conn.execute(
-            insert(message_keys).values(
-                dedup_key=item.dedup_key,
-                message_id=message_id,
-                content_sha256=item.dedup_digest,
-            )
-        )
-    elif owner.content_sha256 == item.dedup_digest:
-        _set_state(conn, message_id, DUPLICATE, duplicate_of=owner.message_id)
-        result.duplicates += 1
-        return
-    elif (earlier := _identical_earlier(conn, item, message_id)) is not None:
-        # A resend of a message that was itself failed for reusing the key:
-        # it already has its work item, so it is only a duplicate.
-        _set_state(conn, message_id, DUPLICATE, duplicate_of=earlier)
-        result.duplicates += 1
-        return
-    else:
-        rejection = Rejection(
-            Reason.CONTROL_ID_REUSED,
-            f"dedup key {item.dedup_key} already belongs to message "
-            f"{owner.message_id} with different content; review both messages",
-        )
-        _fail(conn, message_id, rejection, result)
-        return
-
-    if item.problem:
-        _fail(conn, message_id, Rejection(Reason.MALFORMED_INPUT, item.problem), result)
-        return
-    result.stored += 1
+    state: str
+    duplicate_of: int | None = None
+    rejection: Rejection | None = None
+    owns_key: bool = False
 
 
-def _identical_earlier(conn: Connection, item: RawInput, message_id: int) -> int | None:
+def _chunks(values: list[str], size: int = 500) -> Iterator[list[str]]:
+    for start in range(0, len(values), size):
+        yield values[start : start + size]
+
+
+def _key_owners(conn: Connection, keys: list[str]) -> dict[str, tuple[int, str]]:
+    owners: dict[str, tuple[int, str]] = {}
+    for chunk in _chunks(keys):
+        rows = conn.execute(
+            select(
+                message_keys.c.dedup_key,
+                message_keys.c.message_id,
+                message_keys.c.content_sha256,
+            ).where(message_keys.c.dedup_key.in_(chunk))
+        )
+        for row in rows:
+            owners[row.dedup_key] = (row.message_id, row.content_sha256)
+    return owners
+
+
+def _identical_earlier(conn: Connection, item: RawInput) -> int | None:
     return conn.execute(
         select(messages.c.id)
         .where(
             messages.c.dedup_key == item.dedup_key,
             messages.c.content_sha256 == item.content_sha256,
-            messages.c.id < message_id,
         )
         .order_by(messages.c.id)
         .limit(1)
     ).scalar()
 
 
-def _set_state(conn: Connection, message_id: int, state: str, **values: object) -> None:
-    conn.execute(
-        messages.update().where(messages.c.id == message_id).values(state=state, **values)
+def _decide(
+    conn: Connection,
+    item: RawInput,
+    owners: dict[str, tuple[int, str] | None],
+    in_batch: dict[tuple[str, str], int],
+) -> _Decision:
+    """Decide the state of ``item`` from the key's owner and earlier inputs.
+
+    ``owners`` maps a dedup key to its owning message (id and digest), or to
+    ``None`` when an earlier input of this batch claimed it and has no id yet.
+    ``in_batch`` maps (dedup key, raw digest) to the position of the first
+    input of this batch with exactly those bytes.
+    """
+    owner = owners.get(item.dedup_key, ...)
+    if owner is ...:
+        if item.problem:
+            return _Decision(FAILED, rejection=Rejection(Reason.MALFORMED_INPUT, item.problem),
+                             owns_key=True)
+        return _Decision(RECEIVED, owns_key=True)
+    if owner is not None and owner[1] == item.dedup_digest:
+        return _Decision(DUPLICATE, duplicate_of=owner[0])
+    if owner is None:
+        # The owner is earlier in this batch; its id is filled in after insert.
+        return _Decision(DUPLICATE)
+    earlier = _identical_earlier(conn, item)
+    if earlier is not None:
+        # A resend of a message that was itself failed for reusing the key:
+        # it already has its work item, so it is only a duplicate.
+        return _Decision(DUPLICATE, duplicate_of=earlier)
+    return _Decision(
+        FAILED,
+        rejection=Rejection(
+            Reason.CONTROL_ID_REUSED,
+            f"dedup key {item.dedup_key} already belongs to message {owner[0]} "
+            "with different content; review both messages",
+        ),
     )
 
 
-def _fail(
+def _store_batch(
+    conn: Connection,
+    batch: list[RawInput],
+    source: str,
+    run_id: int | None,
+    result: IntakeResult,
+) -> list[int]:
+    """Store one batch with a few statements; return the new message ids."""
+    owners: dict[str, tuple[int, str] | None] = dict(
+        _key_owners(conn, sorted({item.dedup_key for item in batch}))
+    )
+    first_by_key: dict[str, int] = {}
+    identical: dict[tuple[str, str], int] = {}
+    decisions: list[_Decision] = []
+    for position, item in enumerate(batch):
+        earlier = identical.get((item.dedup_key, item.content_sha256))
+        pending_owner = first_by_key.get(item.dedup_key)
+        if pending_owner is not None and (
+            earlier is not None or batch[pending_owner].dedup_digest == item.dedup_digest
+        ):
+            decision = _Decision(DUPLICATE)
+        elif pending_owner is not None:
+            decision = _Decision(
+                FAILED,
+                rejection=Rejection(
+                    Reason.CONTROL_ID_REUSED,
+                    f"dedup key {item.dedup_key} already belongs to an earlier "
+                    "message with different content; review both messages",
+                ),
+            )
+        else:
+            decision = _decide(conn, item, owners, identical)
+            if decision.owns_key:
+                first_by_key[item.dedup_key] = position
+        identical.setdefault((item.dedup_key, item.content_sha256), position)
+        decisions.append(decision)
+
+    now = dt.datetime.now(dt.UTC)
+    rows = [
+        {
+            "source": source,
+            "origin": item.origin,
+            "format": item.format,
+            "received_at": now,
+            "content_sha256": item.content_sha256,
+            "dedup_key": item.dedup_key,
+            "occurrence": item.occurrence,
+            "ordering_key": item.ordering_key,
+            "lane": lane_of(item.ordering_key),
+            "raw": item.raw,
+            "state": decision.state,
+            "duplicate_of": decision.duplicate_of,
+            "run_id": run_id,
+            "error": decision.rejection.detail if decision.rejection else None,
+            "summary": (
+                json.dumps({"reason": decision.rejection.reason.value})
+                if decision.rejection
+                else None
+            ),
+            "processed_at": now if decision.state != RECEIVED else None,
+            "processed_run_id": run_id if decision.state != RECEIVED else None,
+        }
+        for item, decision in zip(batch, decisions, strict=True)
+    ]
+    ids = list(
+        conn.execute(
+            insert(messages).returning(messages.c.id, sort_by_parameter_order=True), rows
+        ).scalars()
+    )
+    _link_in_batch_duplicates(conn, batch, decisions, ids, first_by_key, identical)
+    new_keys = [
+        {"dedup_key": item.dedup_key, "message_id": ids[position],
+         "content_sha256": item.dedup_digest}
+        for position, (item, decision) in enumerate(zip(batch, decisions, strict=True))
+        if decision.owns_key
+    ]
+    if new_keys:
+        conn.execute(insert(message_keys), new_keys)
+    for item, decision, message_id in zip(batch, decisions, ids, strict=True):
+        result.read += 1
+        result.by_format[item.format] = result.by_format.get(item.format, 0) + 1
+        if decision.state == DUPLICATE:
+            result.duplicates += 1
+        elif decision.state == FAILED:
+            assert decision.rejection is not None
+            _record_failure(conn, message_id, decision.rejection, result)
+        else:
+            result.stored += 1
+    return ids
+
+
+def _link_in_batch_duplicates(
+    conn: Connection,
+    batch: list[RawInput],
+    decisions: list[_Decision],
+    ids: list[int],
+    first_by_key: dict[str, int],
+    identical: dict[tuple[str, str], int],
+) -> None:
+    links = []
+    for position, (item, decision) in enumerate(zip(batch, decisions, strict=True)):
+        if decision.state == DUPLICATE and decision.duplicate_of is None:
+            first = identical.get((item.dedup_key, item.content_sha256))
+            if first is None or first == position:
+                first = first_by_key[item.dedup_key]
+            decision.duplicate_of = ids[first]
+            links.append({"message_id": ids[position], "first": ids[first]})
+    if links:
+        conn.execute(
+            messages.update()
+            .where(messages.c.id == bindparam("message_id"))
+            .values(duplicate_of=bindparam("first")),
+            links,
+        )
+
+
+def _record_failure(
     conn: Connection, message_id: int, rejection: Rejection, result: IntakeResult
 ) -> None:
     open_work_item(
@@ -167,14 +287,6 @@ def _fail(
         subject_key=f"message:{message_id}",
         rejection=rejection,
         message_id=message_id,
-    )
-    _set_state(
-        conn,
-        message_id,
-        FAILED,
-        error=rejection.detail,
-        summary=json.dumps({"reason": rejection.reason.value}),
-        processed_at=dt.datetime.now(dt.UTC),
     )
     result.failed += 1
     log.warning(
@@ -200,8 +312,7 @@ def store_inputs(
     result = IntakeResult()
     for batch in _batches(inputs, batch_size):
         with engine.begin() as conn:
-            for item in batch:
-                _store_one(conn, item, source, run_id, result)
+            _store_batch(conn, batch, source, run_id, result)
     log.info(
         "intake finished",
         extra={"action": "intake_done", "source": source, "read": result.read,

@@ -113,7 +113,7 @@ def run_job(
         if progress:
             progress("process", done, pending)
 
-    process_pending(engine, config, as_of=options.as_of, progress=on_batch)
+    process_pending(engine, config, as_of=options.as_of, run_id=run_id, progress=on_batch)
     posting = post_journals(engine, config)
     outputs = write_outputs(engine, config, options.out_dir) if options.out_dir else {}
 
@@ -157,13 +157,15 @@ def _sum(conn: Connection, column, *where) -> Decimal:
 
 
 def summarize(conn: Connection, run_id: int, *, posting_batch: int | None) -> dict[str, Any]:
-    """Count what run ``run_id`` read and created.
+    """Count what run ``run_id`` read, and what it created from what it processed.
 
+    A run also processes messages an earlier, stopped run stored, so service,
+    charge and work-item counts follow the run that processed each message.
     The identity ``services == charged + work_items + duplicates`` holds for
     documented (clinical) services; chargeable supplies add charges of their
     own, reported under ``charges.from_supplies``.
     """
-    run_messages = select(messages.c.id).where(messages.c.run_id == run_id)
+    run_messages = select(messages.c.id).where(messages.c.processed_run_id == run_id)
     in_run = services.c.message_id.in_(run_messages)
 
     def services_with(*where) -> int:

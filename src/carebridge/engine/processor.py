@@ -1,35 +1,48 @@
 """Process stored messages in batches: map, capture charges, issue supplies.
 
-A batch of received messages is claimed in id order, each message is handled
-inside its own savepoint, and the batch commits its outputs together with the
-messages' new state: there is no moment where a charge exists but its message
-still looks unprocessed, or the reverse. A message that raises becomes a
-failed message with a work item; the messages behind it go on.
+A worker claims a batch of received messages in id order and commits the
+batch's outputs together with the messages' new state, so no charge exists
+whose message still looks unprocessed, and the reverse. The batch is decided
+in memory (one message at a time, in order, each seeing what the earlier ones
+produced) and written with a few statements per table, which is what makes
+thousands of messages a second possible.
+
+A message that cannot be mapped becomes a failed message with a work item;
+the messages behind it go on. If writing the batch fails, the batch is rolled
+back and its messages are processed again one per transaction, so a single
+poison message cannot hold the others back.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import json
 import logging
-from collections.abc import Callable
-from dataclasses import dataclass
+import random
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
 
-from sqlalchemy import Connection, Engine, insert, select
+from sqlalchemy import Connection, Engine, Row, bindparam, insert, select
+from sqlalchemy.exc import SQLAlchemyError
 
 from carebridge.config.model import Configuration
-from carebridge.engine.intake import FAILED, PROCESSED, RECEIVED, open_work_item
+from carebridge.engine.intake import FAILED, PROCESSED, RECEIVED
+from carebridge.engine.lanes import LANE_COUNT
 from carebridge.errors import InputError
 from carebridge.ingest.registry import map_raw
 from carebridge.model import NULL, CanonicalBatch, Encounter, Patient, Service, SupplyUse
 from carebridge.store.schema import (
     charge_lines,
     encounters,
+    lanes,
     messages,
     patients,
     services,
     supply_issues,
     supply_usages,
+    work_items,
 )
 from carebridge.workflows.charge_capture import ChargeCapture
 from carebridge.workflows.reasons import Reason, Rejection
@@ -42,6 +55,11 @@ WORK_ITEM = "work_item"
 DUPLICATE = "duplicate"
 ISSUED = "issued"
 
+PATIENT_FIELDS = ("mrn", "family_name", "given_name", "birth_date", "gender",
+                  "home_phone", "business_phone")
+ENCOUNTER_FIELDS = ("patient_id", "encounter_class", "start", "end", "code",
+                    "code_system", "department", "guarantor")
+
 
 @dataclass(slots=True)
 class ProcessResult:
@@ -49,39 +67,48 @@ class ProcessResult:
 
     processed: int = 0
     failed: int = 0
+    batches: int = 0
 
 
-def _upsert_patient(conn: Connection, patient: Patient) -> None:
-    fields = ("mrn", "family_name", "given_name", "birth_date", "gender",
-              "home_phone", "business_phone")
+def fingerprint(*parts: object) -> str:
+    """Return a short hash of ``parts``, used to compare two copies of an event."""
+    text = "\x1f".join("" if part is None else str(part) for part in parts)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:32]
+
+
+def service_fingerprint(service: Service) -> str:
+    """Return the fingerprint of what ``service`` says, not where it came from."""
+    return fingerprint(
+        service.code_system, service.code, service.quantity, service.service_date,
+        service.amount, service.unit_price, service.transaction_type.value,
+        service.currency, service.encounter_id,
+    )
+
+
+def usage_fingerprint(use: SupplyUse) -> str:
+    """Return the fingerprint of what a supply usage says.
+
+    The encounter is left out because FHIR R4 SupplyDelivery has no element
+    for it, so the same usage arrives with and without one.
+    """
+    return fingerprint(
+        use.code_system, use.code, use.quantity, use.service_date,
+        use.lot_number, use.serial_number,
+    )
+
+
+def _patient_values(patient: Patient) -> dict[str, Any]:
     # HL7 v2 null semantics: NULL ("" on the wire) clears the stored value,
     # None (field not sent) leaves it unchanged.
-    sent = {
+    return {
         name: (None if value is NULL else value)
-        for name in fields
+        for name in PATIENT_FIELDS
         if (value := getattr(patient, name)) is not None
     }
-    exists = conn.execute(
-        select(patients.c.patient_id).where(patients.c.patient_id == patient.patient_id)
-    ).first()
-    if exists is None:
-        conn.execute(
-            insert(patients).values(
-                patient_id=patient.patient_id,
-                source_message_id=patient.source_message_id,
-                updated_message_id=patient.source_message_id,
-                **sent,
-            )
-        )
-    else:
-        conn.execute(
-            patients.update()
-            .where(patients.c.patient_id == patient.patient_id)
-            .values(updated_message_id=patient.source_message_id, **sent)
-        )
 
 
-def _upsert_encounter(conn: Connection, encounter: Encounter) -> None:
+def _encounter_values(encounter: Encounter) -> dict[str, Any]:
+    guarantor = encounter.guarantor
     values = {
         "patient_id": encounter.patient_id,
         "encounter_class": encounter.encounter_class,
@@ -90,82 +117,163 @@ def _upsert_encounter(conn: Connection, encounter: Encounter) -> None:
         "code": encounter.code,
         "code_system": encounter.code_system,
         "department": encounter.department,
-        "guarantor": (
-            json.dumps(_guarantor_dict(encounter)) if encounter.guarantor else None
-        ),
+        "guarantor": json.dumps(
+            {
+                "family_name": guarantor.family_name,
+                "given_name": guarantor.given_name,
+                "relationship": guarantor.relationship,
+                "phone": guarantor.phone,
+            }
+        ) if guarantor else None,
     }
-    sent = {name: value for name, value in values.items() if value is not None}
-    exists = conn.execute(
-        select(encounters.c.encounter_id).where(
-            encounters.c.encounter_id == encounter.encounter_id
-        )
-    ).first()
-    if exists is None:
-        conn.execute(
-            insert(encounters).values(
-                encounter_id=encounter.encounter_id,
-                source_message_id=encounter.source_message_id,
-                updated_message_id=encounter.source_message_id,
-                **sent,
-            )
-        )
-    else:
-        conn.execute(
-            encounters.update()
-            .where(encounters.c.encounter_id == encounter.encounter_id)
-            .values(updated_message_id=encounter.source_message_id, **sent)
-        )
+    return {name: value for name, value in values.items() if value is not None}
 
 
-def _guarantor_dict(encounter: Encounter) -> dict[str, str | None]:
-    guarantor = encounter.guarantor
-    assert guarantor is not None
-    return {
-        "family_name": guarantor.family_name,
-        "given_name": guarantor.given_name,
-        "relationship": guarantor.relationship,
-        "phone": guarantor.phone,
-    }
+@dataclass(slots=True)
+class Writes:
+    """Rows one message (or a whole batch, once merged) adds or changes."""
+
+    patients: dict[str, dict[str, Any]] = field(default_factory=dict)
+    encounters: dict[str, dict[str, Any]] = field(default_factory=dict)
+    services: list[dict[str, Any]] = field(default_factory=list)
+    usages: list[dict[str, Any]] = field(default_factory=list)
+    messages: list[dict[str, Any]] = field(default_factory=list)
+    work_items: list[dict[str, Any]] = field(default_factory=list)
+
+    def merge(self, other: Writes) -> None:
+        """Append ``other``'s rows; later values win for the same patient or encounter."""
+        for key, values in other.patients.items():
+            self.patients.setdefault(key, {}).update(values)
+        for key, values in other.encounters.items():
+            self.encounters.setdefault(key, {}).update(values)
+        self.services.extend(other.services)
+        self.usages.extend(other.usages)
+        self.messages.extend(other.messages)
+        self.work_items.extend(other.work_items)
 
 
-class BatchApplier:
-    """Applies one message's canonical records inside an open transaction."""
+class BatchState:
+    """What a batch knows: rows prefetched from the database plus its own writes."""
 
     def __init__(self, conn: Connection, config: Configuration, capture: ChargeCapture):
         self.conn = conn
         self.config = config
         self.capture = capture
+        self.known_patients: set[str] = set()
+        self.encounter_classes: dict[str, str] = {}
+        self.service_prints: dict[str, str] = {}
+        self.usage_prints: dict[str, str] = {}
+        self.writes = Writes()
+
+    def prefetch(self, batches: Sequence[CanonicalBatch]) -> None:
+        """Load the rows the batch's records refer to, a few queries per table."""
+        patient_ids = {p.patient_id for b in batches for p in b.patients}
+        encounter_ids = {e.encounter_id for b in batches for e in b.encounters}
+        encounter_ids |= {s.encounter_id for b in batches for s in b.services if s.encounter_id}
+        encounter_ids |= {u.encounter_id for b in batches for u in b.supplies if u.encounter_id}
+        service_keys = {s.service_key for b in batches for s in b.services}
+        service_keys |= {f"supply-charge:{u.usage_key}" for b in batches for u in b.supplies}
+        usage_keys = {u.usage_key for b in batches for u in b.supplies}
+
+        for chunk in _chunks(patient_ids):
+            rows = self.conn.execute(
+                select(patients.c.patient_id).where(patients.c.patient_id.in_(chunk))
+            )
+            self.known_patients.update(rows.scalars())
+        for chunk in _chunks(encounter_ids):
+            rows = self.conn.execute(
+                select(encounters.c.encounter_id, encounters.c.encounter_class).where(
+                    encounters.c.encounter_id.in_(chunk)
+                )
+            )
+            for row in rows:
+                self.encounter_classes[row.encounter_id] = row.encounter_class or ""
+        self._prefetch_prints(services, services.c.service_key, service_keys, self.service_prints)
+        self._prefetch_prints(
+            supply_usages, supply_usages.c.usage_key, usage_keys, self.usage_prints
+        )
+
+    def _prefetch_prints(self, table, key_column, keys: set[str], into: dict[str, str]) -> None:
+        for chunk in _chunks(keys):
+            rows = self.conn.execute(
+                select(key_column, table.c.fingerprint)
+                .where(key_column.in_(chunk))
+                .order_by(table.c.id)
+            )
+            for key, print_ in rows:
+                into.setdefault(key, print_)
+
+
+def _chunks(values: set[str] | list[str], size: int = 500) -> list[list[str]]:
+    ordered = sorted(values)
+    return [ordered[start : start + size] for start in range(0, len(ordered), size)]
+
+
+class MessageApplier:
+    """Decides what one message's canonical records produce, in memory.
+
+    Lookups see the batch state and this message's own earlier records, so a
+    FHIR bundle's procedure finds the encounter the same bundle carried.
+    """
+
+    def __init__(self, state: BatchState, message_id: int, run_id: int | None) -> None:
+        self.state = state
+        self.message_id = message_id
+        self.run_id = run_id
+        self.writes = Writes()
         self.outcomes: dict[str, int] = {}
+        self.service_prints: dict[str, str] = {}
+        self.usage_prints: dict[str, str] = {}
 
     def _count(self, name: str) -> None:
         self.outcomes[name] = self.outcomes.get(name, 0) + 1
 
     def apply(self, batch: CanonicalBatch) -> None:
-        """Store patients and encounters, then capture services and supplies."""
+        """Stage patients and encounters, then capture services and supplies."""
         for patient in batch.patients:
-            _upsert_patient(self.conn, patient)
+            self.writes.patients.setdefault(patient.patient_id, {}).update(
+                {"_source": patient.source_message_id, **_patient_values(patient)}
+            )
         for encounter in batch.encounters:
-            _upsert_encounter(self.conn, encounter)
+            self.writes.encounters.setdefault(encounter.encounter_id, {}).update(
+                {"_source": encounter.source_message_id, **_encounter_values(encounter)}
+            )
         for service in batch.services:
             self.capture_service(service, origin="clinical")
         for use in batch.supplies:
             self.issue(use)
 
-    def _encounter_class(self, encounter_id: str | None) -> str | None:
+    def encounter_class(self, encounter_id: str | None) -> str | None:
+        """Return the class of a known encounter ('' if unset), or ``None``."""
         if encounter_id is None:
             return None
-        row = self.conn.execute(
-            select(encounters.c.encounter_class).where(
-                encounters.c.encounter_id == encounter_id
-            )
-        ).first()
-        if row is None:
-            return None
-        return row.encounter_class or ""
+        for staged in (self.writes.encounters, self.state.writes.encounters):
+            if encounter_id in staged:
+                return staged[encounter_id].get("encounter_class") or (
+                    self.state.encounter_classes.get(encounter_id, "")
+                )
+        return self.state.encounter_classes.get(encounter_id)
+
+    def _seen(self, key: str, own: dict[str, str], batch: dict[str, str]) -> str | None:
+        return own.get(key) or batch.get(key)
+
+    def _work_item(self, subject_key: str, rejection: Rejection) -> dict[str, Any]:
+        row = {
+            "subject_key": subject_key,
+            "reason": rejection.reason.value,
+            "team": rejection.team.value,
+            "message_id": self.message_id,
+            "detail": rejection.detail,
+            "status": "open",
+            "created_at": dt.datetime.now(dt.UTC),
+        }
+        self.writes.work_items.append(row)
+        return row
 
     def capture_service(self, service: Service, *, origin: str) -> None:
-        """Record ``service`` as a charge line, a work item or a duplicate."""
-        row = {
+        """Stage ``service`` as a charge line, a work item or a duplicate."""
+        print_ = service_fingerprint(service)
+        row: dict[str, Any] = {
             "service_key": service.service_key,
             "message_id": service.source_message_id,
             "origin": origin,
@@ -176,145 +284,353 @@ class BatchApplier:
             "service_date": service.service_date,
             "patient_id": service.patient_id,
             "encounter_id": service.encounter_id,
+            "fingerprint": print_,
+            "_charge": None,
+            "_work_item": None,
         }
-        seen = self.conn.execute(
-            select(services.c.id).where(services.c.service_key == service.service_key).limit(1)
-        ).first()
-        if seen is not None:
-            self.conn.execute(insert(services).values(outcome=DUPLICATE, **row))
+        self.writes.services.append(row)
+        earlier = self._seen(service.service_key, self.service_prints, self.state.service_prints)
+        if earlier is not None:
+            row["outcome"] = DUPLICATE
             self._count(f"{origin}_{DUPLICATE}")
+            if earlier != print_:
+                row["outcome"] = WORK_ITEM
+                row["_work_item"] = self._work_item(
+                    f"service:{service.service_key}#conflict:{self.message_id}",
+                    Rejection(
+                        Reason.SERVICE_KEY_CONFLICT,
+                        f"service {service.service_key} was received before with "
+                        "different content (code, units, date or price); decide "
+                        "which is right and post a correction",
+                    ),
+                )
             return
-        encounter_found = self._encounter_class(service.encounter_id) is not None
-        result = self.capture.price(service, encounter_found)
+        self.service_prints[service.service_key] = print_
+        encounter_found = self.encounter_class(service.encounter_id) is not None
+        result = self.state.capture.price(service, encounter_found)
         if isinstance(result, Rejection):
-            item_id = open_work_item(
-                self.conn,
-                subject_key=f"service:{service.service_key}",
-                rejection=result,
-                message_id=service.source_message_id,
-            )
-            self.conn.execute(
-                insert(services).values(outcome=WORK_ITEM, work_item_id=item_id, **row)
-            )
+            row["outcome"] = WORK_ITEM
+            row["_work_item"] = self._work_item(f"service:{service.service_key}", result)
             self._count(f"{origin}_{WORK_ITEM}")
             return
-        service_id = self.conn.execute(
-            insert(services).values(outcome=CHARGED, **row)
-        ).inserted_primary_key[0]
-        line = result
-        self.conn.execute(
-            insert(charge_lines).values(
-                service_id=service_id,
-                chargemaster_version=self.config.chargemaster_version.version_id,
-                **{name: getattr(line, name) for name in line.__dataclass_fields__},
-            )
-        )
+        row["outcome"] = CHARGED
+        row["_charge"] = {
+            **{name: getattr(result, name) for name in result.__dataclass_fields__},
+            "chargemaster_version": self.state.config.chargemaster_version.version_id,
+        }
         self._count(f"{origin}_{CHARGED}")
 
     def issue(self, use: SupplyUse) -> None:
-        """Record ``use`` as an inventory issue, a work item or a duplicate."""
-        row = {
+        """Stage ``use`` as an inventory issue, a work item or a duplicate."""
+        print_ = usage_fingerprint(use)
+        row: dict[str, Any] = {
             "usage_key": use.usage_key,
             "message_id": use.source_message_id,
             "code_system": use.code_system,
             "code": use.code,
             "quantity": use.quantity,
+            "fingerprint": print_,
+            "_issue": None,
+            "_work_item": None,
         }
-        seen = self.conn.execute(
-            select(supply_usages.c.id).where(supply_usages.c.usage_key == use.usage_key).limit(1)
-        ).first()
-        if seen is not None:
-            self.conn.execute(insert(supply_usages).values(outcome=DUPLICATE, **row))
+        self.writes.usages.append(row)
+        earlier = self._seen(use.usage_key, self.usage_prints, self.state.usage_prints)
+        if earlier is not None:
+            row["outcome"] = DUPLICATE
             self._count(f"supply_{DUPLICATE}")
+            if earlier != print_:
+                row["outcome"] = WORK_ITEM
+                row["_work_item"] = self._work_item(
+                    f"supply:{use.usage_key}#conflict:{self.message_id}",
+                    Rejection(
+                        Reason.SERVICE_KEY_CONFLICT,
+                        f"supply usage {use.usage_key} was received before with "
+                        "different content; decide which is right",
+                    ),
+                )
             return
-        result = issue_supply(use, self._encounter_class(use.encounter_id), self.config)
+        self.usage_prints[use.usage_key] = print_
+        result = issue_supply(use, self.encounter_class(use.encounter_id), self.state.config)
         if isinstance(result, Rejection):
-            item_id = open_work_item(
-                self.conn,
-                subject_key=f"supply:{use.usage_key}",
-                rejection=result,
-                message_id=use.source_message_id,
-            )
-            self.conn.execute(
-                insert(supply_usages).values(outcome=WORK_ITEM, work_item_id=item_id, **row)
-            )
+            row["outcome"] = WORK_ITEM
+            row["_work_item"] = self._work_item(f"supply:{use.usage_key}", result)
             self._count(f"supply_{WORK_ITEM}")
             return
-        usage_id = self.conn.execute(
-            insert(supply_usages).values(outcome=ISSUED, **row)
-        ).inserted_primary_key[0]
+        row["outcome"] = ISSUED
         issue = result.issue
-        self.conn.execute(
-            insert(supply_issues).values(
-                usage_id=usage_id,
-                **{name: getattr(issue, name) for name in issue.__dataclass_fields__},
-            )
-        )
+        row["_issue"] = {name: getattr(issue, name) for name in issue.__dataclass_fields__}
         self._count(f"supply_{ISSUED}")
         if result.charge_service is not None:
             self.capture_service(result.charge_service, origin="supply")
 
+    def finish(self, batch: CanonicalBatch) -> None:
+        """Stage the message's own new state."""
+        summary = {"outcomes": self.outcomes, "warnings": batch.warnings,
+                   "ignored": batch.ignored}
+        self.writes.messages.append(
+            {"b_id": self.message_id, "state": PROCESSED, "error": None,
+             "summary": json.dumps(summary, sort_keys=True)}
+        )
 
-def _fail_message(conn: Connection, message_id: int, exc: Exception) -> None:
+    def commit_to_batch(self) -> None:
+        """Make this message's writes and keys part of the batch."""
+        self.state.writes.merge(self.writes)
+        self.state.service_prints.update(self.service_prints)
+        self.state.usage_prints.update(self.usage_prints)
+
+
+def _failed_message(message_id: int, exc: Exception) -> Writes:
+    """Return the writes that fail a message and open its work item."""
     rejection = Rejection(Reason.MALFORMED_INPUT, str(exc) or type(exc).__name__)
-    open_work_item(
-        conn, subject_key=f"message:{message_id}", rejection=rejection, message_id=message_id
-    )
-    conn.execute(
-        messages.update()
-        .where(messages.c.id == message_id)
-        .values(
-            state=FAILED,
-            error=rejection.detail,
-            summary=json.dumps({"reason": rejection.reason.value}),
-            processed_at=dt.datetime.now(dt.UTC),
-        )
-    )
-
-
-def _process_one(conn: Connection, row, applier: BatchApplier) -> bool:
-    savepoint = conn.begin_nested()
-    try:
-        batch = map_raw(row.format, row.raw, row.id, row.occurrence)
-        applier.outcomes = {}
-        applier.apply(batch)
-        summary = {
-            "outcomes": applier.outcomes,
-            "warnings": batch.warnings,
-            "ignored": batch.ignored,
+    writes = Writes()
+    writes.work_items.append(
+        {
+            "subject_key": f"message:{message_id}",
+            "reason": rejection.reason.value,
+            "team": rejection.team.value,
+            "message_id": message_id,
+            "detail": rejection.detail,
+            "status": "open",
+            "created_at": dt.datetime.now(dt.UTC),
         }
-        conn.execute(
-            messages.update()
-            .where(messages.c.id == row.id)
-            .values(
-                state=PROCESSED,
-                summary=json.dumps(summary, sort_keys=True),
-                processed_at=dt.datetime.now(dt.UTC),
-            )
-        )
-        savepoint.commit()
-        return True
+    )
+    writes.messages.append(
+        {"b_id": message_id, "state": FAILED, "error": rejection.detail,
+         "summary": json.dumps({"reason": rejection.reason.value})}
+    )
+    return writes
+
+
+def _map_one(row: Row) -> CanonicalBatch | Writes:
+    """Map one message, or return the writes that fail it."""
+    try:
+        return map_raw(row.format, row.raw, row.id, row.occurrence)
     except InputError as exc:
-        savepoint.rollback()
-        failure: Exception = exc
         log.warning(
             "message rejected",
             extra={"action": "message_failed", "message_id": row.id,
                    "error_type": type(exc).__name__},
         )
+        return _failed_message(row.id, exc)
     except Exception as exc:  # noqa: BLE001 - a poison message must not stop the batch
-        savepoint.rollback()
         # The exception text may quote message content, so the log names only
-        # its type; the full text goes to the work item, which is access
+        # its type. The full text goes to the work item, which is access
         # controlled like the message itself.
         log.error(
-            "message processing raised",
+            "message mapping raised",
             extra={"action": "message_error", "message_id": row.id,
                    "error_type": type(exc).__name__},
         )
-        failure = Exception(f"processing failed: {type(exc).__name__}: {exc}")
-    _fail_message(conn, row.id, failure)
-    return False
+        return _failed_message(
+            row.id, Exception(f"processing failed: {type(exc).__name__}: {exc}")
+        )
+
+
+def _apply_one(state: BatchState, message_id: int, batch: CanonicalBatch,
+               run_id: int | None) -> bool:
+    """Stage one mapped message's outputs; return whether it was processed."""
+    applier = MessageApplier(state, message_id, run_id)
+    try:
+        applier.apply(batch)
+        applier.finish(batch)
+    except Exception as exc:  # noqa: BLE001 - same reason as in _map_one
+        log.error(
+            "message processing raised",
+            extra={"action": "message_error", "message_id": message_id,
+                   "error_type": type(exc).__name__},
+        )
+        state.writes.merge(_failed_message(
+            message_id, Exception(f"processing failed: {type(exc).__name__}: {exc}")
+        ))
+        return False
+    applier.commit_to_batch()
+    return True
+
+
+def _insert_returning_ids(conn: Connection, table, rows: list[dict[str, Any]]) -> list[int]:
+    if not rows:
+        return []
+    result = conn.execute(insert(table).returning(table.c.id, sort_by_parameter_order=True), rows)
+    return list(result.scalars())
+
+
+def _upsert(conn: Connection, table, key_column, staged: dict[str, dict[str, Any]],
+            known: set[str], fields: Sequence[str]) -> None:
+    new_rows, updates = [], []
+    for key, values in staged.items():
+        source = values["_source"]
+        columns = {name: values[name] for name in fields if name in values}
+        if key in known:
+            updates.append((key, source, columns))
+        else:
+            new_rows.append(
+                {key_column.name: key, "source_message_id": source,
+                 "updated_message_id": source, **{name: values.get(name) for name in fields}}
+            )
+    if new_rows:
+        conn.execute(insert(table), new_rows)
+    by_columns: dict[tuple[str, ...], list[dict[str, Any]]] = {}
+    for key, source, columns in updates:
+        names = tuple(sorted(columns))
+        by_columns.setdefault(names, []).append(
+            {"b_key": key, "b_source": source, **{f"b_{n}": columns[n] for n in names}}
+        )
+    for names, rows in by_columns.items():
+        statement = (
+            table.update()
+            .where(key_column == bindparam("b_key"))
+            .values(updated_message_id=bindparam("b_source"),
+                    **{name: bindparam(f"b_{name}") for name in names})
+        )
+        conn.execute(statement, rows)
+
+
+def _flush(state: BatchState, run_id: int | None) -> None:
+    """Write everything the batch decided, a few statements per table."""
+    conn, writes = state.conn, state.writes
+    _upsert(conn, patients, patients.c.patient_id, writes.patients,
+            state.known_patients, PATIENT_FIELDS)
+    _upsert(conn, encounters, encounters.c.encounter_id, writes.encounters,
+            set(state.encounter_classes), ENCOUNTER_FIELDS)
+
+    item_ids = _insert_returning_ids(conn, work_items, writes.work_items)
+    for row, item_id in zip(writes.work_items, item_ids, strict=True):
+        row["_id"] = item_id
+
+    service_rows = [
+        {key: value for key, value in row.items() if not key.startswith("_")}
+        | {"work_item_id": row["_work_item"]["_id"] if row["_work_item"] else None}
+        for row in writes.services
+    ]
+    service_ids = _insert_returning_ids(conn, services, service_rows)
+    charges = [
+        {**row["_charge"], "service_id": service_id}
+        for row, service_id in zip(writes.services, service_ids, strict=True)
+        if row["_charge"]
+    ]
+    if charges:
+        conn.execute(insert(charge_lines), charges)
+
+    usage_rows = [
+        {key: value for key, value in row.items() if not key.startswith("_")}
+        | {"work_item_id": row["_work_item"]["_id"] if row["_work_item"] else None}
+        for row in writes.usages
+    ]
+    usage_ids = _insert_returning_ids(conn, supply_usages, usage_rows)
+    issues = [
+        {**row["_issue"], "usage_id": usage_id}
+        for row, usage_id in zip(writes.usages, usage_ids, strict=True)
+        if row["_issue"]
+    ]
+    if issues:
+        conn.execute(insert(supply_issues), issues)
+
+    now = dt.datetime.now(dt.UTC)
+    conn.execute(
+        messages.update()
+        .where(messages.c.id == bindparam("b_id"))
+        .values(state=bindparam("state"), error=bindparam("error"),
+                summary=bindparam("summary"), processed_at=now, processed_run_id=run_id),
+        writes.messages,
+    )
+
+
+def claim_batch(conn: Connection, batch_size: int) -> list[Row]:
+    """Claim up to ``batch_size`` received messages, oldest first.
+
+    On PostgreSQL the worker first locks a share of the lanes with
+    ``FOR UPDATE SKIP LOCKED`` and takes messages of those lanes only; the
+    locks last until the batch commits, so no other worker touches a message
+    of the same patient meanwhile. SQLite has one writer at a time, so the
+    batch takes messages of every lane.
+    """
+    query = (
+        select(messages.c.id, messages.c.format, messages.c.raw, messages.c.occurrence)
+        .where(messages.c.state == RECEIVED)
+        .order_by(messages.c.id)
+        .limit(batch_size)
+    )
+    if conn.dialect.name == "postgresql":
+        offset = random.randrange(LANE_COUNT)
+        held = list(
+            conn.execute(
+                select(lanes.c.lane)
+                .order_by((lanes.c.lane + offset) % LANE_COUNT)
+                .limit(max(LANE_COUNT // 4, 1))
+                .with_for_update(skip_locked=True)
+            ).scalars()
+        )
+        if not held:
+            return []
+        query = query.where(messages.c.lane.in_(held))
+    return list(conn.execute(query))
+
+
+def _process_rows(conn: Connection, rows: Sequence[Row], config: Configuration,
+                  capture: ChargeCapture, run_id: int | None) -> tuple[int, int]:
+    """Decide and write one batch inside the open transaction of ``conn``."""
+    state = BatchState(conn, config, capture)
+    mapped = [(row.id, _map_one(row)) for row in rows]
+    state.prefetch([result for _, result in mapped if isinstance(result, CanonicalBatch)])
+    processed = failed = 0
+    for message_id, result in mapped:
+        if isinstance(result, Writes):
+            state.writes.merge(result)
+            failed += 1
+        elif _apply_one(state, message_id, result, run_id):
+            processed += 1
+        else:
+            failed += 1
+    _flush(state, run_id)
+    return processed, failed
+
+
+def _process_alone(engine: Engine, row: Row, config: Configuration,
+                   capture: ChargeCapture, run_id: int | None) -> tuple[int, int]:
+    """Process one message in its own transaction; fail it if writing raises."""
+    try:
+        with engine.begin() as conn:
+            return _process_rows(conn, [row], config, capture, run_id)
+    except SQLAlchemyError as exc:
+        log.error(
+            "message could not be written",
+            extra={"action": "message_error", "message_id": row.id,
+                   "error_type": type(exc).__name__},
+        )
+    with engine.begin() as conn:
+        state = BatchState(conn, config, capture)
+        state.writes = _failed_message(
+            row.id, Exception("writing the message's results failed in the database; "
+                              "check the values against column limits, then replay it")
+        )
+        _flush(state, run_id)
+    return 0, 1
+
+
+def process_batch(engine: Engine, config: Configuration, capture: ChargeCapture, *,
+                  batch_size: int, run_id: int | None = None) -> tuple[int, int]:
+    """Claim and process one batch; return (processed, failed), (0, 0) if idle."""
+    try:
+        with engine.begin() as conn:
+            rows = claim_batch(conn, batch_size)
+            if not rows:
+                return 0, 0
+            return _process_rows(conn, rows, config, capture, run_id)
+    except SQLAlchemyError as exc:
+        # Something in the batch broke a database rule. Redo the batch one
+        # message per transaction so that only the message at fault fails.
+        log.warning(
+            "batch write failed; processing its messages one at a time",
+            extra={"action": "batch_isolate", "error_type": type(exc).__name__},
+        )
+    with engine.begin() as conn:
+        rows = claim_batch(conn, batch_size)
+    totals = [0, 0]
+    for row in rows:
+        processed, failed = _process_alone(engine, row, config, capture, run_id)
+        totals[0] += processed
+        totals[1] += failed
+    return totals[0], totals[1]
 
 
 def process_pending(
@@ -322,7 +638,8 @@ def process_pending(
     config: Configuration,
     *,
     as_of: dt.date | None = None,
-    batch_size: int = 200,
+    batch_size: int = 500,
+    run_id: int | None = None,
     progress: Callable[[int], None] | None = None,
 ) -> ProcessResult:
     """Process every received message, oldest first, ``batch_size`` per commit.
@@ -333,31 +650,25 @@ def process_pending(
         as_of: the date that bounds service dates from above when the rules
             set no latest date; today when ``None``.
         batch_size: messages per transaction.
+        run_id: the run recorded as having processed each message.
         progress: called with the number of messages finished in each batch.
     """
     capture = ChargeCapture(config, as_of or dt.date.today())
     result = ProcessResult()
     while True:
-        with engine.begin() as conn:
-            rows = conn.execute(
-                select(messages.c.id, messages.c.format, messages.c.raw, messages.c.occurrence)
-                .where(messages.c.state == RECEIVED)
-                .order_by(messages.c.id)
-                .limit(batch_size)
-            ).all()
-            if not rows:
-                break
-            applier = BatchApplier(conn, config, capture)
-            for row in rows:
-                if _process_one(conn, row, applier):
-                    result.processed += 1
-                else:
-                    result.failed += 1
+        processed, failed = process_batch(
+            engine, config, capture, batch_size=batch_size, run_id=run_id
+        )
+        if processed + failed == 0:
+            break
+        result.processed += processed
+        result.failed += failed
+        result.batches += 1
         if progress:
-            progress(len(rows))
+            progress(processed + failed)
     log.info(
         "processing finished",
         extra={"action": "process_done", "processed": result.processed,
-               "failed": result.failed},
+               "failed": result.failed, "batches": result.batches},
     )
     return result

@@ -30,9 +30,11 @@ from sqlalchemy.types import TypeDecorator, TypeEngine
 
 
 class DecimalText(TypeDecorator[Decimal]):
-    """A ``Decimal`` stored exactly: as text on SQLite, NUMERIC elsewhere.
+    """A ``Decimal`` stored exactly: as text on SQLite, unscaled NUMERIC elsewhere.
 
-    SQLite has no decimal type and would round-trip through float.
+    SQLite has no decimal type and would round-trip through float. The
+    NUMERIC has no fixed scale so that a value reads back with the scale it
+    was written with (``135.50`` stays ``135.50``, not ``135.5000``).
     """
 
     impl = String(40)
@@ -41,7 +43,7 @@ class DecimalText(TypeDecorator[Decimal]):
     def load_dialect_impl(self, dialect: Dialect) -> TypeEngine[Any]:
         if dialect.name == "sqlite":
             return dialect.type_descriptor(String(40))
-        return dialect.type_descriptor(Numeric(20, 4, asdecimal=True))
+        return dialect.type_descriptor(Numeric(asdecimal=True))
 
     def process_bind_param(self, value: Decimal | None, dialect: Dialect) -> Any:
         if value is None:
@@ -69,6 +71,8 @@ messages = Table(
     Column("content_sha256", String(64), nullable=False),
     Column("dedup_key", String(300), nullable=False),
     Column("occurrence", Integer, nullable=False, default=1),
+    Column("ordering_key", String(200), nullable=True),
+    Column("lane", Integer, nullable=False, default=0),
     Column("raw", LargeBinary, nullable=False),
     Column("state", String(20), nullable=False),
     Column("duplicate_of", Integer, ForeignKey("messages.id"), nullable=True),
@@ -76,17 +80,33 @@ messages = Table(
     Column("summary", Text, nullable=True),
     Column("processed_at", DateTime(timezone=True), nullable=True),
     Column("run_id", Integer, nullable=True),
+    Column("processed_run_id", Integer, nullable=True),
     Index("ix_messages_state_id", "state", "id"),
+    Index("ix_messages_state_lane_id", "state", "lane", "id"),
     Index("ix_messages_dedup_key", "dedup_key"),
 )
 """Every raw input, stored verbatim before anything else happens.
+
+``run_id`` is the run that read the message and ``processed_run_id`` the run
+that processed it; they differ when a run finishes what a stopped one left.
 
 ``state`` is ``received`` until processed, then ``processed``, ``failed`` (a
 work item records the reason) or ``duplicate`` (``duplicate_of`` names the
 first copy). ``origin`` locates the message in its file (path and line or
 byte offset). ``occurrence`` numbers identical CSV rows of one file that are
-distinct events.
+distinct events. ``ordering_key`` is the patient the message is about, and
+``lane`` a hash of it: messages of one lane are processed one batch at a
+time in id order, so updates for a patient apply in the order they arrived.
 """
+
+lanes = Table(
+    "lanes",
+    metadata,
+    Column("lane", Integer, primary_key=True, autoincrement=False),
+)
+"""One row per lane. A worker locks the rows of the lanes it processes
+(``FOR UPDATE SKIP LOCKED`` on PostgreSQL), so two workers never process
+messages of the same lane at once."""
 
 message_keys = Table(
     "message_keys",
@@ -105,12 +125,12 @@ patients = Table(
     metadata,
     Column("patient_id", String(100), primary_key=True),
     Column("mrn", String(100), nullable=True),
-    Column("family_name", String(200), nullable=True),
-    Column("given_name", String(200), nullable=True),
+    Column("family_name", Text, nullable=True),
+    Column("given_name", Text, nullable=True),
     Column("birth_date", Date, nullable=True),
     Column("gender", String(20), nullable=True),
-    Column("home_phone", String(100), nullable=True),
-    Column("business_phone", String(100), nullable=True),
+    Column("home_phone", Text, nullable=True),
+    Column("business_phone", Text, nullable=True),
     Column("source_message_id", Integer, ForeignKey("messages.id"), nullable=False),
     Column("updated_message_id", Integer, ForeignKey("messages.id"), nullable=False),
 )
@@ -145,11 +165,15 @@ services = Table(
     Column("service_date", Date, nullable=True),
     Column("patient_id", String(100), nullable=True),
     Column("encounter_id", String(100), nullable=True),
+    Column("fingerprint", String(64), nullable=False),
     Column("outcome", String(20), nullable=False),
     Column("work_item_id", Integer, ForeignKey("work_items.id"), nullable=True),
     Index("ix_services_key", "service_key"),
 )
 """One row per service received; ``outcome`` is charged, work_item or duplicate.
+
+``fingerprint`` hashes what the service says (code, units, date, prices), so
+a second service under a known key is a duplicate only if it says the same.
 
 ``origin`` is ``clinical`` for documented services and ``supply`` for the
 charge side of a chargeable supply, so that the run's identity can be
@@ -189,6 +213,7 @@ supply_usages = Table(
     Column("code_system", String(20), nullable=True),
     Column("code", String(60), nullable=True),
     Column("quantity", DecimalText, nullable=True),
+    Column("fingerprint", String(64), nullable=False),
     Column("outcome", String(20), nullable=False),
     Column("work_item_id", Integer, ForeignKey("work_items.id"), nullable=True),
     Index("ix_supply_usages_key", "usage_key"),
@@ -273,3 +298,66 @@ runs = Table(
     Column("finished_at", DateTime(timezone=True), nullable=True),
     Column("chargemaster_version", String(60), nullable=True),
 )
+
+deliveries = Table(
+    "deliveries",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("destination", String(60), nullable=False),
+    Column("kind", String(40), nullable=False),
+    Column("record_id", Integer, nullable=False),
+    Column("idempotency_key", String(300), nullable=False),
+    Column("payload", Text, nullable=False),
+    Column("state", String(20), nullable=False),
+    Column("attempts", Integer, nullable=False, default=0),
+    Column("next_attempt_at", DateTime(timezone=True), nullable=False),
+    Column("lease_owner", String(200), nullable=True),
+    Column("lease_token", String(64), nullable=True),
+    Column("lease_until", DateTime(timezone=True), nullable=True),
+    Column("last_error", Text, nullable=True),
+    Column("response", String(500), nullable=True),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    Column("delivered_at", DateTime(timezone=True), nullable=True),
+    Column("dead_at", DateTime(timezone=True), nullable=True),
+    Column("replay_of", Integer, ForeignKey("deliveries.id"), nullable=True),
+    Index("ix_deliveries_due", "destination", "state", "next_attempt_at"),
+    Index("ix_deliveries_record", "kind", "record_id"),
+)
+"""The outbox: one row per record promised to a destination.
+
+Rows are written in the transaction that creates the record, so a record
+and its deliveries commit together. ``state`` is ``pending``, ``in_flight``
+(claimed under ``lease_owner``/``lease_token`` until ``lease_until``),
+``delivered`` or ``dead``. ``payload`` is the JSON built at enqueue time.
+A replay of a dead delivery is a new row with the same ``idempotency_key``
+and ``replay_of`` naming the dead row, which stays as the record of what
+failed.
+"""
+
+Index(
+    "uq_deliveries_live_key",
+    deliveries.c.destination,
+    deliveries.c.idempotency_key,
+    unique=True,
+    sqlite_where=deliveries.c.state != "dead",
+    postgresql_where=deliveries.c.state != "dead",
+)
+# Partial: dead rows are kept for the record, so a replay may reuse their key.
+
+destination_states = Table(
+    "destination_states",
+    metadata,
+    Column("destination", String(60), primary_key=True),
+    Column("circuit", String(20), nullable=False),
+    Column("consecutive_failures", Integer, nullable=False, default=0),
+    Column("opened_at", DateTime(timezone=True), nullable=True),
+    Column("retry_at", DateTime(timezone=True), nullable=True),
+    Column("last_error", Text, nullable=True),
+    Column("updated_at", DateTime(timezone=True), nullable=False),
+)
+"""Circuit breaker of each destination: ``closed``, ``open`` or ``half_open``.
+
+While ``open``, no delivery to the destination is claimed until
+``retry_at``; then one trial delivery runs (``half_open``, which itself
+expires at ``retry_at`` in case the trial's worker dies).
+"""

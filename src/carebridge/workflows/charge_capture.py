@@ -82,6 +82,12 @@ class ChargeCapture:
                 Reason.UNITS_NOT_POSITIVE,
                 f"units {service.quantity} must be greater than 0",
             )
+        if service.quantity != service.quantity.to_integral_value():
+            return Rejection(
+                Reason.UNITS_NOT_WHOLE,
+                f"units {service.quantity} are not a whole number; HCPCS units are "
+                "billed whole, so correct the units or the unit of measure",
+            )
         if service.quantity > self.rules.max_units:
             return Rejection(
                 Reason.UNITS_TOO_HIGH,
@@ -157,7 +163,12 @@ class ChargeCapture:
     def _amounts(
         self, service: Service, item: ChargeItem
     ) -> tuple[Decimal, Decimal] | Rejection:
-        """Return (unit price, signed amount); credits are negative."""
+        """Return (unit price, signed amount); credits are negative.
+
+        A price the source sent must be positive and consistent with the
+        units, since it replaces the chargemaster's; a credit (FT1-6 ``CD``)
+        reverses whatever sign was sent.
+        """
         if service.currency != self.rules.currency:
             return Rejection(
                 Reason.CURRENCY_MISMATCH,
@@ -165,34 +176,59 @@ class ChargeCapture:
                 f"{self.rules.currency}",
             )
         quantity = service.quantity
-        if service.amount is not None:
-            if to_cents(service.amount) != service.amount:
-                return Rejection(
-                    Reason.AMOUNT_MISMATCH,
-                    f"amount {service.amount} has fractions of a cent; send it "
-                    "rounded to the cent",
-                )
-            amount = to_cents(service.amount)
-            unit_price = service.unit_price
-            if unit_price is None:
-                unit_price = amount / quantity
-            elif to_cents(unit_price * quantity) != to_cents(amount):
-                return Rejection(
-                    Reason.AMOUNT_MISMATCH,
-                    f"units {quantity} x unit price {unit_price} = "
-                    f"{to_cents(unit_price * quantity)}, but the sent amount is {amount}",
-                )
-        elif service.unit_price is not None:
-            unit_price = service.unit_price
-            amount = to_cents(unit_price * quantity)
+        source_priced = service.amount is not None or service.unit_price is not None
+        if source_priced:
+            amounts = self._sent_amounts(service)
+            if isinstance(amounts, Rejection):
+                return amounts
         else:
-            if item.price <= 0:
+            amounts = (item.price, to_cents(item.price * quantity))
+        unit_price, amount = amounts
+        if amount <= 0 or unit_price <= 0:
+            if not source_priced:
                 return Rejection(
                     Reason.PRICE_MISSING,
                     f"charge code {item.charge_code} has price {item.price}",
                 )
-            unit_price = item.price
-            amount = to_cents(unit_price * quantity)
+            return Rejection(
+                Reason.AMOUNT_INVALID,
+                f"sent amount {amount} (unit price {unit_price}) is not positive; "
+                "send a credit (FT1-6 CD) to reverse a charge",
+            )
+        if amount > self.rules.max_amount:
+            return Rejection(
+                Reason.AMOUNT_TOO_HIGH,
+                f"amount {amount} exceeds the maximum {self.rules.max_amount} for "
+                "one charge line; review it before posting",
+            )
         if service.transaction_type is TransactionType.CREDIT:
-            amount = -abs(amount)
+            amount = -amount
         return unit_price, amount
+
+    def _sent_amounts(self, service: Service) -> tuple[Decimal, Decimal] | Rejection:
+        """Return the unit price and amount the source sent, checked."""
+        quantity = service.quantity
+        sent_amount = service.amount
+        sent_unit = service.unit_price
+        if service.transaction_type is TransactionType.CREDIT:
+            # Senders write credits with either sign; the sign is applied later.
+            sent_amount = None if sent_amount is None else abs(sent_amount)
+            sent_unit = None if sent_unit is None else abs(sent_unit)
+        if sent_amount is not None:
+            if to_cents(sent_amount) != sent_amount:
+                return Rejection(
+                    Reason.AMOUNT_MISMATCH,
+                    f"amount {sent_amount} has fractions of a cent; send it "
+                    "rounded to the cent",
+                )
+            if sent_unit is not None and to_cents(sent_unit * quantity) != sent_amount:
+                return Rejection(
+                    Reason.AMOUNT_MISMATCH,
+                    f"units {quantity} x unit price {sent_unit} = "
+                    f"{to_cents(sent_unit * quantity)}, but the sent amount is "
+                    f"{sent_amount}",
+                )
+            unit = sent_unit if sent_unit is not None else to_cents(sent_amount / quantity)
+            return unit, sent_amount
+        assert sent_unit is not None
+        return sent_unit, to_cents(sent_unit * quantity)

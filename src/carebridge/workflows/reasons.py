@@ -24,6 +24,10 @@ class Reason(StrEnum):
     REVENUE_CODE_MISSING = "revenue_code_missing"
     DEPARTMENT_UNMAPPED = "department_unmapped"
     AMOUNT_MISMATCH = "amount_mismatch"
+    AMOUNT_INVALID = "amount_invalid"
+    AMOUNT_TOO_HIGH = "amount_too_high"
+    UNITS_NOT_WHOLE = "units_not_whole"
+    SERVICE_KEY_CONFLICT = "service_key_conflict"
     CURRENCY_MISMATCH = "currency_mismatch"
     UNKNOWN_ITEM = "unknown_item"
     LOT_OR_SERIAL_MISSING = "lot_or_serial_missing"
@@ -50,6 +54,10 @@ TEAM_BY_REASON: dict[Reason, Team] = {
     Reason.REVENUE_CODE_MISSING: Team.REVENUE_CYCLE,
     Reason.DEPARTMENT_UNMAPPED: Team.REVENUE_CYCLE,
     Reason.AMOUNT_MISMATCH: Team.REVENUE_CYCLE,
+    Reason.AMOUNT_INVALID: Team.REVENUE_CYCLE,
+    Reason.AMOUNT_TOO_HIGH: Team.REVENUE_CYCLE,
+    Reason.UNITS_NOT_WHOLE: Team.REVENUE_CYCLE,
+    Reason.SERVICE_KEY_CONFLICT: Team.INTEGRATION,
     Reason.CURRENCY_MISMATCH: Team.REVENUE_CYCLE,
     Reason.UNKNOWN_ITEM: Team.SUPPLY_CHAIN,
     Reason.LOT_OR_SERIAL_MISSING: Team.SUPPLY_CHAIN,

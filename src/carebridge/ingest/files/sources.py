@@ -7,6 +7,7 @@ Nothing here parses content beyond what splitting needs. Each
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -43,7 +44,8 @@ class RawInput:
     key (Synthea writes two identical rows for two identical supply uses), so
     that the second is a second event, not a resend. ``dedup_digest`` is the
     hash that decides whether a message under a known dedup key is a resend;
-    for HL7 v2 it ignores the segment-terminator style.
+    for HL7 v2 it ignores the segment-terminator style. ``ordering_key`` is
+    the patient the message is about, when a cheap look finds one.
     """
 
     format: str
@@ -54,6 +56,7 @@ class RawInput:
     problem: str | None = None
     occurrence: int = 1
     dedup_digest: str = ""
+    ordering_key: str | None = None
 
     def __post_init__(self) -> None:
         if not self.dedup_digest:
@@ -103,6 +106,50 @@ def hl7_dedup_key(payload: bytes, digest: str) -> str:
     return "hl7v2|" + "|".join(p.decode("latin-1").strip() for p in parts)
 
 
+def hl7_ordering_key(payload: bytes) -> str | None:
+    """Return PID-3.1 of the first PID segment, read without a full parse."""
+    first = payload[:4]
+    if not first.startswith(b"MSH") or len(payload) < 8:
+        return None
+    separator = payload[3:4]
+    component = payload[4:5]
+    repetition = payload[5:6]
+    for segment in payload.replace(b"\n", b"\r").split(b"\r"):
+        if segment[:4] == b"PID" + separator:
+            fields = segment.split(separator)
+            if len(fields) > 3 and fields[3]:
+                value = fields[3].split(repetition)[0].split(component)[0]
+                return value.decode("latin-1").strip() or None
+            return None
+    return None
+
+
+def fhir_ordering_key(data: bytes) -> str | None:
+    """Return the id of the patient a FHIR resource or bundle is about."""
+    try:
+        document = json.loads(data)
+    except ValueError:
+        return None
+    if not isinstance(document, dict):
+        return None
+    resources = [document]
+    if document.get("resourceType") == "Bundle":
+        resources = [
+            entry.get("resource") or {}
+            for entry in document.get("entry") or []
+            if isinstance(entry, dict)
+        ]
+    for resource in resources:
+        if isinstance(resource, dict) and resource.get("resourceType") == "Patient":
+            return resource.get("id")
+    for resource in resources:
+        for element in ("subject", "patient"):
+            reference = resource.get(element) if isinstance(resource, dict) else None
+            if isinstance(reference, dict) and isinstance(reference.get("reference"), str):
+                return reference["reference"].rsplit("/", 1)[-1].removeprefix("urn:uuid:")
+    return None
+
+
 def detect_format(path: Path, head: bytes) -> str | None:
     """Return the format of the file at ``path`` from its name and first bytes."""
     body = head[len(_BOM) :] if head.startswith(_BOM) else head
@@ -129,6 +176,7 @@ def split_hl7(path: Path, data: bytes) -> Iterator[RawInput]:
             content_sha256=digest,
             dedup_key=hl7_dedup_key(message.payload, digest),
             dedup_digest=hl7_content_digest(message.payload),
+            ordering_key=hl7_ordering_key(message.payload),
         )
     if result.problems:
         log.warning(
@@ -164,7 +212,14 @@ def split_csv(path: Path, data: bytes, kind: str) -> Iterator[RawInput]:
             dedup_key=f"{SYNTHEA_CSV}:{kind}|sha256:{digest}{suffix}",
             problem=record.error,
             occurrence=occurrence,
+            ordering_key=_csv_patient(kind, record.fields),
         )
+
+
+def _csv_patient(kind: str, fields: dict[str, str] | None) -> str | None:
+    if not fields:
+        return None
+    return (fields.get("Id") if kind == "patients" else fields.get("PATIENT")) or None
 
 
 def split_path(path: Path) -> Iterator[RawInput]:
@@ -184,7 +239,14 @@ def split_path(path: Path) -> Iterator[RawInput]:
         yield from split_hl7(path, data)
     elif fmt == FHIR_JSON:
         digest = sha256(data)
-        yield RawInput(FHIR_JSON, str(path), data, digest, f"{FHIR_JSON}|sha256:{digest}")
+        yield RawInput(
+            FHIR_JSON,
+            str(path),
+            data,
+            digest,
+            f"{FHIR_JSON}|sha256:{digest}",
+            ordering_key=fhir_ordering_key(data),
+        )
     else:
         yield from split_csv(path, data, fmt.split(":", 1)[1])
 

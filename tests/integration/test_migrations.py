@@ -1,0 +1,165 @@
+"""Alembic migrations on SQLite and PostgreSQL: they build exactly schema.py's tables."""
+
+from __future__ import annotations
+
+import datetime as dt
+from decimal import Decimal
+from typing import Any
+
+import pytest
+from alembic import command
+from alembic.autogenerate import compare_metadata
+from alembic.runtime.migration import MigrationContext
+from sqlalchemy import Engine, String, cast, insert, inspect, select, text
+from sqlalchemy.engine import Dialect
+
+from carebridge.store.db import (
+    BASELINE_REVISION,
+    alembic_config,
+    current_revision,
+    head_revision,
+    open_engine,
+    upgrade_database,
+    upgrade_engine,
+)
+from carebridge.store.migrations import compare_type
+from carebridge.store.schema import journals, metadata
+
+VERSION_TABLE = "alembic_version"
+
+
+def _describe(diff: Any, dialect: Dialect) -> str:
+    """Say in words what one ``compare_metadata`` difference means."""
+    if isinstance(diff, list):
+        return "; ".join(_describe(item, dialect) for item in diff)
+    kind = diff[0]
+    if kind == "add_table":
+        return f"table {diff[1].name} is in schema.py but no revision creates it"
+    if kind == "remove_table":
+        return f"table {diff[1].name} is made by the revisions but is not in schema.py"
+    if kind == "add_column":
+        return f"column {diff[2]}.{diff[3].name} is in schema.py but no revision creates it"
+    if kind == "remove_column":
+        return f"column {diff[2]}.{diff[3].name} is made by the revisions but not in schema.py"
+    if kind.startswith("modify_"):
+        _, _, table, column, _, database, models = diff
+        if kind == "modify_type":
+            database, models = database.compile(dialect), models.compile(dialect)
+        what = kind.removeprefix("modify_")
+        return (
+            f"column {table}.{column} {what}: the revisions give {database}, "
+            f"schema.py says {models}"
+        )
+    if kind in ("add_index", "remove_index"):
+        index = diff[1]
+        where = "schema.py only" if kind == "add_index" else "the revisions only"
+        return f"index {index.table.name}.{index.name} ({where})"
+    if kind in ("add_constraint", "remove_constraint", "add_fk", "remove_fk"):
+        constraint = diff[1]
+        columns = ", ".join(column.name for column in constraint.columns)
+        where = "schema.py only" if kind.startswith("add") else "the revisions only"
+        return f"{kind} on {constraint.table.name}({columns}) ({where})"
+    return repr(diff)
+
+
+def assert_matches_models(engine: Engine) -> None:
+    """Fail, naming every table and column that differs, unless the schemas agree."""
+    with engine.connect() as conn:
+        context = MigrationContext.configure(conn, opts={"compare_type": compare_type})
+        differences = compare_metadata(context, metadata)
+    assert not differences, (
+        "the migrated database differs from src/carebridge/store/schema.py; add a "
+        "revision (src/carebridge/store/migrations/versions/README.md):\n  - "
+        + "\n  - ".join(_describe(diff, engine.dialect) for diff in differences)
+    )
+
+
+def user_tables(engine: Engine) -> set[str]:
+    return set(inspect(engine).get_table_names()) - {VERSION_TABLE}
+
+
+def test_upgrade_of_empty_database_builds_the_models(db_url: str) -> None:
+    assert upgrade_database(db_url) == head_revision()
+
+    engine = open_engine(db_url, create=False)
+    try:
+        assert current_revision(engine) == head_revision()
+        assert_matches_models(engine)
+    finally:
+        engine.dispose()
+
+
+def test_downgrade_to_base_then_upgrade_again(db_url: str) -> None:
+    engine = open_engine(db_url)
+    try:
+        with engine.begin() as conn:
+            command.downgrade(alembic_config(conn), "base")
+        assert user_tables(engine) == set()
+        assert current_revision(engine) is None
+
+        assert upgrade_engine(engine) == head_revision()
+        assert_matches_models(engine)
+    finally:
+        engine.dispose()
+
+
+def test_reopening_a_database_keeps_its_rows(db_url: str) -> None:
+    first = open_engine(db_url)
+    try:
+        with first.begin() as conn:
+            conn.execute(text("INSERT INTO runs (command, started_at) VALUES ('t', :at)"),
+                         {"at": dt.datetime(2024, 5, 1, tzinfo=dt.UTC)})
+    finally:
+        first.dispose()
+    again = open_engine(db_url)
+    try:
+        with again.connect() as conn:
+            assert conn.execute(text("SELECT count(*) FROM runs")).scalar_one() == 1
+        assert current_revision(again) == head_revision()
+    finally:
+        again.dispose()
+
+
+def test_database_from_before_alembic_is_adopted(db_url: str) -> None:
+    # carebridge 0.1.0 made the baseline tables with create_all and kept no
+    # revision; opening such a database must keep its tables and rows.
+    engine = open_engine(db_url, create=False)
+    try:
+        upgrade_engine(engine, BASELINE_REVISION)
+        with engine.begin() as conn:
+            conn.execute(text("INSERT INTO runs (command, started_at) VALUES ('old', :at)"),
+                         {"at": dt.datetime(2024, 5, 1, tzinfo=dt.UTC)})
+            conn.execute(text(f"DROP TABLE {VERSION_TABLE}"))
+        assert current_revision(engine) is None
+
+        assert upgrade_engine(engine) == head_revision()
+        with engine.connect() as conn:
+            assert conn.execute(text("SELECT command FROM runs")).scalars().all() == ["old"]
+        assert_matches_models(engine)
+    finally:
+        engine.dispose()
+
+
+@pytest.mark.parametrize("amount", ["135.50", "0.10", "-42.00", "1234567890.12", "3"])
+def test_decimal_keeps_its_scale(engine: Engine, amount: str) -> None:
+    with engine.begin() as conn:
+        conn.execute(
+            insert(journals).values(
+                journal_key=f"test:{amount}",
+                posting_batch=1,
+                posting_date=dt.date(2024, 5, 1),
+                department="TEST",
+                cost_center="TEST",
+                currency="USD",
+                total_debit=Decimal(amount),
+                total_credit=Decimal(amount),
+                created_at=dt.datetime(2024, 5, 1, tzinfo=dt.UTC),
+            )
+        )
+    with engine.connect() as conn:
+        read, stored = conn.execute(
+            select(journals.c.total_debit, cast(journals.c.total_debit, String))
+        ).one()
+    assert isinstance(read, Decimal)
+    assert str(read) == amount
+    assert stored == amount
