@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import click
+from sqlalchemy.exc import OperationalError
 
 from carebridge.config import load_chargemaster, load_configuration
 from carebridge.config.chargemaster import FORMATS as CHARGEMASTER_FORMATS
@@ -99,6 +100,9 @@ def print_summary(summary: dict[str, Any]) -> None:
         f"  elapsed              {summary['elapsed_seconds']:>8} s "
         f"({summary['messages_per_second']} messages/s)"
     )
+    skipped = summary.get("files_skipped", [])
+    if skipped:
+        lines.append(f"  files skipped        {len(skipped):>8}   (listed in the JSON summary)")
     for name, path in summary["outputs"].items():
         lines.append(f"  {name:<21}{path}")
     click.echo("\n".join(lines))
@@ -124,12 +128,33 @@ def config_option(function: Any) -> Any:
     )(function)
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
-@click.option(
-    "-v", "--verbose", count=True,
-    help="Log more on stderr: -v for warnings, -vv for INFO, -vvv for DEBUG. "
-    "With --out, INFO and above also go to OUT/carebridge.log.",
+VERBOSE_HELP = (
+    "Log more on stderr: -v for warnings, -vv for INFO, -vvv for DEBUG. "
+    "With --out, INFO and above also go to OUT/carebridge.log."
 )
+LEVELS = [logging.ERROR, logging.WARNING, logging.INFO, logging.DEBUG]
+
+
+def verbose_option(function: Any) -> Any:
+    """Add ``-v`` to a subcommand, so it works after the command name too."""
+
+    def raise_level(ctx: click.Context, _param: click.Parameter, count: int) -> int:
+        if count:
+            root = ctx.find_root()
+            level = min(root.obj["console_level"], LEVELS[min(count, 3)])
+            root.obj["console_level"] = level
+            configure_logging(level)
+        return count
+
+    return click.option(
+        "-v", "--verbose", count=True, expose_value=False, callback=raise_level,
+        help=VERBOSE_HELP,
+    )(function)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="carebridge")
+@click.option("-v", "--verbose", count=True, help=VERBOSE_HELP)
 @click.pass_context
 def main(ctx: click.Context, verbose: int) -> None:
     """carebridge turns clinical messages into the finance work they imply.
@@ -139,12 +164,12 @@ def main(ctx: click.Context, verbose: int) -> None:
     supplies from inventory, and posts balanced journals. What cannot be
     posted becomes a work item with a reason code.
     """
-    levels = [logging.ERROR, logging.WARNING, logging.INFO, logging.DEBUG]
-    ctx.obj = {"console_level": levels[min(verbose, 3)]}
+    ctx.obj = {"console_level": LEVELS[min(verbose, 3)]}
     configure_logging(ctx.obj["console_level"])
 
 
-@main.command()
+@main.command(short_help="Run the main job on the bundled public data.")
+@verbose_option
 @click.option(
     "--out",
     "out_dir",
@@ -180,7 +205,8 @@ def demo(out_dir: Path, db_url: str | None, as_json: bool, config_dir: Path | No
     _run(paths, out_dir, db_url, as_json, config_dir, command="demo", source="demo")
 
 
-@main.command()
+@main.command(short_help="Ingest your own HL7 v2, FHIR JSON or Synthea CSV files.")
+@verbose_option
 @click.argument(
     "paths", nargs=-1, required=True, type=click.Path(exists=True, path_type=Path)
 )
@@ -219,7 +245,8 @@ def ingest(
          config_dir, command="ingest", source=source)
 
 
-@main.command()
+@main.command(short_help="Check a chargemaster file and list its bad rows.")
+@verbose_option
 @click.argument("path", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.option(
     "--format",
@@ -260,6 +287,13 @@ def chargemaster(path: Path, fmt: str, as_json: bool) -> None:
         sys.exit(1)
 
 
+def _fail(message: str, exit_code: int, as_json: bool) -> None:
+    click.echo(f"error: {message}", err=True)
+    if as_json:
+        click.echo(json.dumps({"error": message, "exit_code": exit_code}))
+    sys.exit(exit_code)
+
+
 def _run(
     paths: list[Path],
     out_dir: Path | None,
@@ -283,8 +317,17 @@ def _run(
         )
     except CarebridgeError as exc:
         progress.close()
-        click.echo(f"error: {exc}", err=True)
-        sys.exit(exc.exit_code)
+        _fail(str(exc), exc.exit_code, as_json)
+    except OperationalError as exc:
+        progress.close()
+        log.error("database error", extra={"action": "db_error",
+                                           "error_type": type(exc.orig).__name__})
+        _fail(
+            f"database error: {exc.orig}; if another carebridge process is writing "
+            "to the same SQLite file, wait for it or use PostgreSQL",
+            4,
+            as_json,
+        )
     progress.close()
     emit(summary, as_json)
     if not summary["journals"]["balanced"] or not summary["services_accounted"]["identity_holds"]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import sqlite3
 import subprocess
 import sys
 from importlib import resources
@@ -68,13 +69,39 @@ def test_invalid_yaml_names_line_and_field(tmp_path: Path) -> None:
     assert "rules.max_units" in result.stderr
 
 
-def test_unknown_file_format_is_clear(tmp_path: Path) -> None:
+def test_unknown_file_becomes_work_item(tmp_path: Path) -> None:
     strange = tmp_path / "notes.txt"
     strange.write_text("hello\n")
-    result = carebridge("ingest", "--db", f"sqlite:///{tmp_path / 'db.sqlite'}", str(strange))
-    assert result.returncode == 1
-    assert "format not recognised" in result.stderr
-    assert "notes.txt" in result.stderr
+    empty = tmp_path / "empty.hl7"
+    empty.write_bytes(b"")
+    database = tmp_path / "db.sqlite"
+    result = carebridge("ingest", "--json", "--db", f"sqlite:///{database}", str(strange),
+                        str(empty))
+    assert result.returncode == 0, result.stderr
+    summary = json.loads(result.stdout)
+    assert summary["messages_failed"] == 2
+    assert summary["work_items"]["by_reason"] == {"malformed_input": 2}
+    with sqlite3.connect(database) as conn:
+        details = sorted(row[0] for row in conn.execute("SELECT detail FROM work_items"))
+        raws = sorted(row[0] for row in conn.execute("SELECT raw FROM messages"))
+    assert "file is empty" in details[0]
+    assert "format not recognised" in details[1]
+    assert "notes.txt" in details[1]
+    assert raws == [b"", b"hello\n"]
+
+
+def test_folder_scan_lists_skipped_files(tmp_path: Path) -> None:
+    folder = tmp_path / "export"
+    folder.mkdir()
+    (folder / "conditions.csv").write_text("START,STOP\n")
+    (folder / "readme.md").write_text("notes\n")
+    result = carebridge("ingest", "--json", "--db", f"sqlite:///{tmp_path / 'db.sqlite'}",
+                        str(folder))
+    assert result.returncode == 0, result.stderr
+    skipped = {Path(item["path"]).name: item["reason"]
+               for item in json.loads(result.stdout)["files_skipped"]}
+    assert set(skipped) == {"conditions.csv", "readme.md"}
+    assert "without finance events" in skipped["conditions.csv"]
 
 
 def test_chargemaster_report_names_bad_rows() -> None:

@@ -120,21 +120,48 @@ def test_reopening_a_database_keeps_its_rows(db_url: str) -> None:
         again.dispose()
 
 
-def test_database_from_before_alembic_is_adopted(db_url: str) -> None:
+# Rows as carebridge 0.1.0 wrote them, one per table that later revisions
+# change or that has foreign keys to such a table.
+BASELINE_ROWS = [
+    "INSERT INTO runs (id, command, started_at) VALUES (1, 'old', :at)",
+    "INSERT INTO messages (id, source, format, received_at, content_sha256, dedup_key,"
+    " occurrence, raw, state, run_id) VALUES (1, 'files', 'hl7v2', :at, 'ab', 'k1', 1,"
+    " :raw, 'processed', 1)",
+    "INSERT INTO patients (patient_id, family_name, source_message_id, updated_message_id)"
+    " VALUES ('P1', 'TESTPATIENT', 1, 1)",
+    "INSERT INTO services (id, service_key, message_id, origin, kind, quantity, outcome)"
+    " VALUES (1, 's1', 1, 'clinical', 'procedure', '1', 'charged')",
+    "INSERT INTO charge_lines (service_key, service_id, charge_code, revenue_code, units,"
+    " unit_price, amount, currency, service_date, department, gl_account,"
+    " source_message_id, chargemaster_version) VALUES ('s1', 1, 'C1', '0510', '1',"
+    " '135.50', '135.50', 'USD', :day, 'CLINIC', '4000', 1, 'v1')",
+    "INSERT INTO supply_usages (id, usage_key, message_id, outcome)"
+    " VALUES (1, 'u1', 1, 'issued')",
+]
+
+
+def test_database_from_before_alembic_is_upgraded_with_its_rows(db_url: str) -> None:
     # carebridge 0.1.0 made the baseline tables with create_all and kept no
     # revision; opening such a database must keep its tables and rows.
     engine = open_engine(db_url, create=False)
     try:
         upgrade_engine(engine, BASELINE_REVISION)
         with engine.begin() as conn:
-            conn.execute(text("INSERT INTO runs (command, started_at) VALUES ('old', :at)"),
-                         {"at": dt.datetime(2024, 5, 1, tzinfo=dt.UTC)})
+            values = {"at": dt.datetime(2024, 5, 1, tzinfo=dt.UTC), "raw": b"MSH|",
+                      "day": dt.date(2024, 5, 1)}
+            for statement in BASELINE_ROWS:
+                conn.execute(text(statement), values)
             conn.execute(text(f"DROP TABLE {VERSION_TABLE}"))
         assert current_revision(engine) is None
 
         assert upgrade_engine(engine) == head_revision()
         with engine.connect() as conn:
             assert conn.execute(text("SELECT command FROM runs")).scalars().all() == ["old"]
+            assert conn.execute(text("SELECT lane FROM messages")).scalar_one() == 0
+            assert conn.execute(
+                text("SELECT family_name FROM patients")
+            ).scalar_one() == "TESTPATIENT"
+            assert conn.execute(text("SELECT count(*) FROM charge_lines")).scalar_one() == 1
         assert_matches_models(engine)
     finally:
         engine.dispose()

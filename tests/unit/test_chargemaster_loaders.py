@@ -276,3 +276,20 @@ def test_wrong_header_is_a_configuration_error(tmp_path):
         load_chargemaster(path, "cdm-2019-cpt")
     assert "cdm.csv:1" in str(caught.value)
     assert "Item No." in str(caught.value)
+
+
+def test_unquoted_thousands_separator_rejected(tmp_path) -> None:
+    from carebridge.config import load_chargemaster
+
+    path = tmp_path / "cdm.csv"
+    path.write_text(
+        "Item No.,Item Description,CPT,Price\n"
+        "2806551,CHEST 1 VIEW,71045TC,$1,234.00\n"
+        "2806553,CHEST 2 VIEWS,71046TC,\"$1,500.00\"\n"
+    )
+    load = load_chargemaster(path, "cdm-2019-cpt")
+    assert [item.charge_code for item in load.items] == ["2806553"]
+    assert str(load.items[0].price) == "1500.00"
+    assert len(load.errors) == 1
+    assert "cdm.csv:2" in str(load.errors[0])
+    assert "expected 4 fields, got 5" in str(load.errors[0])

@@ -92,7 +92,7 @@ def load_configuration(config_dir: Path) -> Configuration:
     _check_ranges_routed(config_dir / "revenue_codes.csv", range_rows, routes)
     classes = _load_classes(config_dir / "encounter_class_departments.csv", departments)
     chargemaster, version, problems, cdm_path = _load_house_chargemaster(
-        config_dir, main
+        config_dir, main, main_doc
     )
     chargemaster = _classify(chargemaster, ranges, routes)
     crosswalk, crosswalk_files = _load_crosswalks(
@@ -340,9 +340,17 @@ def _check_ranges_routed(
             )
 
 
-def _load_house_chargemaster(config_dir: Path, main: MainFile):
+def _load_house_chargemaster(config_dir: Path, main: MainFile, doc: YamlDocument):
     ref = main.chargemaster
     path = (config_dir / ref.path).resolve()
+    if not path.is_file():
+        raise ConfigurationError(
+            f"chargemaster file {path} not found; paths are relative to "
+            "carebridge.yaml, so fix the path or copy the file next to it",
+            path=str(doc.path),
+            line=doc.line_of(("chargemaster", "path")),
+            field="chargemaster.path",
+        )
     load = load_chargemaster(path, ref.format, encoding=ref.encoding)
     for error in load.errors:
         logger.warning("chargemaster row not loaded: %s", error)

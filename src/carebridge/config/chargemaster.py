@@ -254,6 +254,24 @@ def _error(path: Path, line: int, column: str, message: str) -> ChargemasterRowE
     )
 
 
+def _field_count_error(
+    path: Path, line: int, record: list[str], header: list[str]
+) -> ChargemasterRowError | None:
+    """Return an error when a row's field count differs from the header's.
+
+    An unquoted thousands separator (``$1,234.00``) splits a price into two
+    cells; reading the row anyway would load a wrong price without notice.
+    """
+    if len(record) == len(header):
+        return None
+    return ChargemasterRowError(
+        f"expected {len(header)} fields, got {len(record)}; quote values that "
+        "contain commas",
+        path=str(path),
+        line=line,
+    )
+
+
 def _cell(record: list[str], index: int) -> str:
     return record[index].strip() if index < len(record) else ""
 
@@ -301,6 +319,9 @@ def _load_cdm_cpt(path: Path, text: str, load: ChargemasterLoad) -> list[_Candid
         if not any(value.strip() for value in record):
             load.blank_rows += 1
             continue
+        if problem := _field_count_error(path, line, record, header):
+            load.errors.append(problem)
+            continue
         number = _cell(record, cols["Item No."])
         description = _cell(record, cols["Item Description"])
         if not number:
@@ -334,6 +355,9 @@ def _load_cdm_revenue_code(
         load.rows_read += 1
         if not any(value.strip() for value in record):
             load.blank_rows += 1
+            continue
+        if problem := _field_count_error(path, line, record, header):
+            load.errors.append(problem)
             continue
         description = _cell(record, cols["Description"])
         if not description:

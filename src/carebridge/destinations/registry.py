@@ -87,11 +87,19 @@ def register(kind: DestinationType) -> None:
     _TYPES[kind.name] = kind
 
 
+_BUILTINS_LOADED = False
+
+
 def _register_builtins() -> None:
-    # Imported here, not at the top: the built-in types import this module.
+    # Imported on first use, not at the top: the built-in types import this
+    # module for the interface above.
+    global _BUILTINS_LOADED
+    if _BUILTINS_LOADED:
+        return
     from carebridge.destinations import http
 
     register(DestinationType("http", http.HttpSettings, http.HttpDestination.build))
+    _BUILTINS_LOADED = True
 
 
 def type_names() -> tuple[str, ...]:

@@ -338,12 +338,21 @@ def claim(
         .where(_due(destination.name, now))
         .order_by(c.next_attempt_at, c.id)
         .limit(limit)
-        .with_for_update(skip_locked=True)
     )
     with engine.begin() as conn:
+        if conn.dialect.name == "postgresql":
+            # Lock the rows first and update that fixed list: PostgreSQL may
+            # run an IN (... SKIP LOCKED LIMIT n) subquery more than once and
+            # so claim more than n rows.
+            chosen = conn.execute(due_ids.with_for_update(skip_locked=True)).scalars().all()
+            target = c.id.in_(chosen or [-1])
+        else:
+            # SQLite: one statement, so the write lock is taken before the
+            # read and two workers cannot pick the same rows.
+            target = c.id.in_(due_ids.scalar_subquery())
         conn.execute(
             update(deliveries)
-            .where(c.id.in_(due_ids), _due(destination.name, now))
+            .where(target, _due(destination.name, now))
             .values(
                 state=IN_FLIGHT,
                 attempts=c.attempts + 1,

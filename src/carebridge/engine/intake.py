@@ -40,6 +40,7 @@ class IntakeResult:
     duplicates: int = 0
     failed: int = 0
     by_format: dict[str, int] = field(default_factory=dict)
+    skipped_files: list[tuple[str, str]] = field(default_factory=list)
 
     def add(self, other: IntakeResult) -> None:
         """Add the counts of ``other`` to these."""
@@ -47,6 +48,7 @@ class IntakeResult:
         self.stored += other.stored
         self.duplicates += other.duplicates
         self.failed += other.failed
+        self.skipped_files.extend(other.skipped_files)
         for fmt, count in other.by_format.items():
             self.by_format[fmt] = self.by_format.get(fmt, 0) + count
 

@@ -76,8 +76,13 @@ def ingest_files(
     progress: ProgressCallback | None = None,
 ) -> IntakeResult:
     """Store every message of the files under ``paths``, file by file."""
-    files = discover(paths)
+    found = discover(paths)
+    files = found.files
     total = IntakeResult()
+    total.skipped_files = [(str(path), reason) for path, reason in found.skipped]
+    for path, reason in found.skipped:
+        log.info("file skipped", extra={"action": "file_skipped", "file": str(path),
+                                        "reason": reason})
     for number, path in enumerate(files, start=1):
         total.add(store_inputs(engine, split_path(path), source=source, run_id=run_id))
         if progress:
@@ -125,6 +130,9 @@ def run_job(
     with engine.connect() as conn:
         summary = summarize(conn, run_id, posting_batch=posting.batch)
     summary["messages_by_format"] = dict(sorted(intake.by_format.items()))
+    summary["files_skipped"] = [
+        {"path": path, "reason": reason} for path, reason in intake.skipped_files
+    ]
     summary["elapsed_seconds"] = round(elapsed, 3)
     summary["messages_per_second"] = round(intake.read / elapsed, 1) if elapsed else None
     summary["database"] = engine.url.render_as_string(hide_password=True)

@@ -70,12 +70,17 @@ class ChargeCapture:
 
     def check_service(self, service: Service, encounter_found: bool) -> Rejection | None:
         """Return the first rule ``service`` breaks, or ``None``."""
-        if service.encounter_id is None or not encounter_found:
-            shown = service.encounter_id or "(none)"
+        if service.encounter_id is None:
             return Rejection(
                 Reason.ENCOUNTER_NOT_FOUND,
-                f"encounter {shown} not found; send or register the encounter, "
-                "then resume this charge",
+                "no encounter id was sent (HL7 PV1-19 visit number, FHIR encounter "
+                "reference); correct the message and replay it",
+            )
+        if not encounter_found:
+            return Rejection(
+                Reason.ENCOUNTER_NOT_FOUND,
+                f"encounter {service.encounter_id} not found; send or register the "
+                "encounter, then resume this charge",
             )
         if service.quantity <= 0:
             return Rejection(

@@ -23,6 +23,15 @@ log = logging.getLogger(__name__)
 HL7V2 = "hl7v2"
 FHIR_JSON = "fhir-json"
 SYNTHEA_CSV = "synthea-csv"
+UNKNOWN = "unknown"
+
+SYNTHEA_SKIPPED = (
+    "allergies", "careplans", "claims", "claims_transactions", "conditions",
+    "devices", "imaging_studies", "medications", "observations", "organizations",
+    "payer_transitions", "payers", "providers",
+)
+"""Synthea CSV exports with no finance event carebridge posts yet; a folder
+scan lists them as skipped instead of storing them."""
 
 SYNTHEA_KINDS = ("patients", "encounters", "procedures", "immunizations", "supplies")
 """Synthea CSV exports carebridge ingests, in the order that keeps references
@@ -225,16 +234,23 @@ def _csv_patient(kind: str, fields: dict[str, str] | None) -> str | None:
 def split_path(path: Path) -> Iterator[RawInput]:
     """Yield the raw messages of one file.
 
-    Raises:
-        InputError: the file's format cannot be recognised.
+    A file that is empty or whose format is not recognised is yielded whole,
+    with the problem, so that it is stored and becomes a work item rather than
+    stopping the run.
     """
     data = path.read_bytes()
     fmt = detect_format(path, data[:64])
-    if fmt is None:
-        raise InputError(
-            f"{path}: format not recognised; expected HL7 v2 (.hl7), FHIR JSON "
-            f"(.json) or a Synthea CSV export named one of {', '.join(SYNTHEA_KINDS)}"
+    if fmt is None or not data.strip():
+        digest = sha256(data)
+        problem = (
+            f"{path}: file is empty" if not data.strip() else
+            f"{path}: format not recognised; expected an HL7 v2 message starting "
+            "with MSH, FHS, BHS or an MLLP frame, FHIR JSON, or a Synthea CSV "
+            f"export named one of {', '.join(SYNTHEA_KINDS)}"
         )
+        yield RawInput(UNKNOWN, str(path), data, digest, f"{UNKNOWN}|sha256:{digest}",
+                       problem=problem)
+        return
     if fmt == HL7V2:
         yield from split_hl7(path, data)
     elif fmt == FHIR_JSON:
@@ -263,21 +279,46 @@ def _order(path: Path) -> tuple[int, str]:
     return (1, str(path))
 
 
-def discover(paths: Iterable[Path]) -> list[Path]:
-    """Expand folders into the files carebridge can ingest, in processing order.
+@dataclass(frozen=True, slots=True)
+class Discovery:
+    """The files a run ingests, in processing order, and those it skipped."""
+
+    files: list[Path]
+    skipped: list[tuple[Path, str]]
+
+
+def discover(paths: Iterable[Path]) -> Discovery:
+    """Expand folders into the files carebridge ingests, in processing order.
 
     Synthea CSV exports come first (patients before encounters before
-    services), then HL7 v2 files, then FHIR bundles; files within a group are
-    sorted by path so that a run is repeatable.
+    services), then HL7 v2 files, then FHIR bundles. Files within a group are
+    sorted by path so that a run is repeatable. A file named on the command
+    line is always ingested; in a folder, files with other suffixes and
+    Synthea exports without finance events are skipped and listed.
     """
     found: list[Path] = []
+    skipped: list[tuple[Path, str]] = []
     for path in paths:
         if path.is_dir():
             for candidate in sorted(path.rglob("*")):
-                if candidate.is_file() and candidate.suffix.lower() in _SUFFIXES:
+                if not candidate.is_file() or candidate.name.startswith("."):
+                    continue
+                reason = _skip_reason(candidate)
+                if reason:
+                    skipped.append((candidate, reason))
+                else:
                     found.append(candidate)
         elif path.is_file():
             found.append(path)
         else:
             raise InputError(f"{path}: no such file or folder")
-    return sorted(found, key=_order)
+    return Discovery(sorted(found, key=_order), skipped)
+
+
+def _skip_reason(path: Path) -> str | None:
+    suffix = path.suffix.lower()
+    if suffix not in _SUFFIXES:
+        return f"suffix {suffix or '(none)'} is not ingested from folders (.hl7, .csv, .json)"
+    if suffix == ".csv" and path.stem.lower() in SYNTHEA_SKIPPED:
+        return "Synthea export without finance events"
+    return None

@@ -94,6 +94,12 @@ def map_message(msg: Hl7Message, message_id: int) -> CanonicalBatch:
     for group in groups:
         _map_group(msg, group, message_id, batch)
     if code == "DFT":
+        if not msg.segments("FT1"):
+            raise ParseError(
+                f"DFT^{trigger} carries no FT1 segment, so there is nothing to "
+                "charge; check that the sender ends every segment with CR",
+                location="FT1^1",
+            )
         _check_gt1_order(msg, trigger, batch)
     logger.info(
         "mapped message %s (control id %s): %d patient(s), %d encounter(s), "
@@ -404,7 +410,10 @@ def _service_date(ft1: Hl7Segment, batch: CanonicalBatch) -> dt.date | None:
         try:
             return _to_date(text)
         except ValueError:
-            raise ParseError("invalid date", location=ft1.location(field)) from None
+            raise ParseError(
+                f"invalid date {text!r}; expected YYYYMMDD with an optional time",
+                location=ft1.location(field),
+            ) from None
     batch.warnings.append(f"{ft1.location(4)}: no transaction or posting date")
     return None
 

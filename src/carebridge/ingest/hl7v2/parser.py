@@ -328,6 +328,7 @@ def parse_message(payload: bytes, *, default_charset: str = "ascii") -> Hl7Messa
     text = _decode(body, charset, len(BOM) if bom else 0)
     segments = _split_segments(text, warnings)
     delimiters = _check_header(segments)
+    _check_embedded_segments(segments, delimiters)
     parsed = _python_hl7_parse(segments)
     message = Hl7Message(parsed, delimiters, charset, warnings)
     _check_required(message)
@@ -422,6 +423,29 @@ def _split_segments(text: str, warnings: list[str]) -> list[str]:
     if len(non_empty) != len(segments):
         warnings.append(f"{len(segments) - len(non_empty)} empty segment(s) dropped")
     return non_empty
+
+
+def _check_embedded_segments(segments: list[str], delimiters: Delimiters) -> None:
+    """Raise if a LF kept as data starts what looks like another segment.
+
+    In a message that uses CR, a lone LF is data, but a LF followed by a
+    segment ID and the field separator is a terminator the sender got wrong.
+    Reading it as data would hide that segment inside a field value (a lost
+    FT1 is a lost charge), so the message is rejected instead.
+    """
+    pattern = re.compile(r"\n([A-Z][A-Z0-9]{2})" + re.escape(delimiters.field))
+    counts: dict[str, int] = {}
+    for segment in segments:
+        seg_id = segment[:3]
+        counts[seg_id] = counts.get(seg_id, 0) + 1
+        match = pattern.search(segment)
+        if match:
+            raise ParseError(
+                f"a line feed inside {seg_id} is followed by {match.group(1)!r} and "
+                "the field separator, which looks like a segment; segments must "
+                "end with CR, so fix the sender's segment terminators",
+                location=f"{seg_id}^{counts[seg_id]}",
+            )
 
 
 def _check_header(segments: list[str]) -> Delimiters:
