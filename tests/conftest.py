@@ -37,7 +37,7 @@ def pytest_configure(config: pytest.Config) -> None:
 
 @pytest.fixture(scope="session")
 def pg_admin() -> Iterator[Engine]:
-    """An engine on the test PostgreSQL database, used to make and drop schemas."""
+    """An engine on the test PostgreSQL database, used to create and drop schemas."""
     url = os.environ.get(PG_URL_VARIABLE)
     if not url:
         pytest.skip(f"PostgreSQL tests need {PG_URL_VARIABLE} (set by .ci/run)")
@@ -67,8 +67,9 @@ def _postgres_schema_url(admin: Engine, schema: str) -> str:
 def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
     """A URL of an empty database of its own for this test, on each backend.
 
-    On PostgreSQL each test gets a fresh schema, dropped afterwards: much
-    faster than a database per test, and just as isolated.
+    On PostgreSQL each test gets a fresh schema, dropped afterwards. A
+    schema isolates the test as well as a database would, and creating one
+    needs no CREATEDB right.
     """
     if request.param == "sqlite":
         yield sqlite_url(tmp_path / "test.db")

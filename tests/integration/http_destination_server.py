@@ -1,8 +1,8 @@
 """A real HTTP destination on 127.0.0.1 for delivery tests.
 
-It accepts each Idempotency-Key once (201) and answers 409 to a key it
+It accepts each Idempotency-Key once (201) and responds 409 to a key it
 already accepted, as a destination that honours the header would. Tests can
-make it answer a given status for the next requests or for every request,
+make it respond with a given status for the next requests or for every request,
 and stop and restart it on the same port so that connections are refused
 in between.
 """
@@ -44,7 +44,7 @@ class _Server(ThreadingHTTPServer):
 
 
 class TestDestination:
-    """Records every request; see the module docstring for its answers."""
+    """Records every request; see the module docstring for its responses."""
 
     __test__ = False  # not a pytest test class
 
@@ -81,7 +81,7 @@ class TestDestination:
             self._server = None
 
     def fail_next(self, count: int, status: int, text: str = "failure") -> None:
-        """Answer ``status`` to the next ``count`` requests."""
+        """Respond ``status`` to the next ``count`` requests."""
         with self._lock:
             self._forced.extend([(status, text)] * count)
 

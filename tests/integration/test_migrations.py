@@ -45,9 +45,9 @@ def _describe(diff: Any, dialect: Dialect) -> str:
         _, _, table, column, _, database, models = diff
         if kind == "modify_type":
             database, models = database.compile(dialect), models.compile(dialect)
-        what = kind.removeprefix("modify_")
+        aspect = kind.removeprefix("modify_")
         return (
-            f"column {table}.{column} {what}: the revisions give {database}, "
+            f"column {table}.{column} {aspect}: the revisions give {database}, "
             f"schema.py says {models}"
         )
     if kind in ("add_index", "remove_index"):
@@ -78,7 +78,7 @@ def user_tables(engine: Engine) -> set[str]:
     return set(inspect(engine).get_table_names()) - {VERSION_TABLE}
 
 
-def test_upgrade_of_empty_database_builds_the_models(db_url: str) -> None:
+def test_empty_database_upgrades_to_models(db_url: str) -> None:
     assert upgrade_database(db_url) == head_revision()
 
     engine = open_engine(db_url, create=False)
@@ -89,7 +89,7 @@ def test_upgrade_of_empty_database_builds_the_models(db_url: str) -> None:
         engine.dispose()
 
 
-def test_downgrade_to_base_then_upgrade_again(db_url: str) -> None:
+def test_downgrade_then_upgrade_again(db_url: str) -> None:
     engine = open_engine(db_url)
     try:
         with engine.begin() as conn:
@@ -103,7 +103,7 @@ def test_downgrade_to_base_then_upgrade_again(db_url: str) -> None:
         engine.dispose()
 
 
-def test_reopening_a_database_keeps_its_rows(db_url: str) -> None:
+def test_reopen_keeps_rows(db_url: str) -> None:
     first = open_engine(db_url)
     try:
         with first.begin() as conn:
@@ -140,7 +140,7 @@ BASELINE_ROWS = [
 ]
 
 
-def test_database_from_before_alembic_is_upgraded_with_its_rows(db_url: str) -> None:
+def test_pre_alembic_database_keeps_rows(db_url: str) -> None:
     # carebridge 0.1.0 made the baseline tables with create_all and kept no
     # revision; opening such a database must keep its tables and rows.
     engine = open_engine(db_url, create=False)

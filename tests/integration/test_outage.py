@@ -55,10 +55,17 @@ def test_outage_backlog_breaker_and_drain_exactly_once(
     caplog.set_level(logging.INFO, logger="carebridge.engine.deliveries")
     server = TestDestination().start()
     erp = DestinationConfig(
-        "erp", "http", ("journal",), {"url": server.url, "timeout_seconds": 2.0},
-        max_attempts=MAX_ATTEMPTS, backoff_base_seconds=1.0, backoff_cap_seconds=CAP,
-        circuit_failure_threshold=5, circuit_cooldown_seconds=COOLDOWN,
-        lease_seconds=60.0, batch_size=50,
+        "erp",
+        "http",
+        ("journal",),
+        {"url": server.url, "timeout_seconds": 2.0},
+        max_attempts=MAX_ATTEMPTS,
+        backoff_base_seconds=1.0,
+        backoff_cap_seconds=CAP,
+        circuit_failure_threshold=5,
+        circuit_cooldown_seconds=COOLDOWN,
+        lease_seconds=60.0,
+        batch_size=50,
     )
     live = dataclasses.replace(config, destinations=(erp,))
     rng = random.Random(11)
@@ -77,7 +84,8 @@ def test_outage_backlog_breaker_and_drain_exactly_once(
             assert result.delivered == result.dead == 0
             assert result.claimed <= 1  # only half-open trials
             summary = _summary(engine)
-            assert summary["pending"] == 200 and summary["dead"] == 0
+            assert summary["pending"] == 200
+            assert summary["dead"] == 0
         assert _max_attempts(engine) < MAX_ATTEMPTS
         assert len(_events(caplog, "circuit_open")) == 1
         assert [r.levelname for r in _events(caplog, "circuit_open")] == ["WARNING"]
@@ -93,11 +101,18 @@ def test_outage_backlog_breaker_and_drain_exactly_once(
     finally:
         server.stop()
 
-    assert _summary(engine) == {"pending": 0, "in_flight": 0, "delivered": 200, "dead": 0}
+    assert _summary(engine) == {
+        "pending": 0,
+        "in_flight": 0,
+        "delivered": 200,
+        "dead": 0,
+    }
     assert len(set(server.received)) == 200
-    assert sum(server.accepted.values()) == 200 and set(server.accepted.values()) == {1}
+    assert sum(server.accepted.values()) == 200
+    assert set(server.accepted.values()) == {1}
     assert len(_events(caplog, "circuit_open")) == 1
     closed = _events(caplog, "circuit_closed")
-    assert len(closed) == 1 and closed[0].levelname == "INFO"
+    assert len(closed) == 1
+    assert closed[0].levelname == "INFO"
     with engine.connect() as conn:
         assert circuit_states(conn)["erp"]["circuit"] == "closed"

@@ -1,4 +1,4 @@
-"""What an HTTP answer means for a delivery, and the http destination's settings."""
+"""HTTP status classification for deliveries, and the http destination's settings."""
 
 from __future__ import annotations
 
@@ -57,7 +57,9 @@ def test_classification_table(status: int, verdict: Verdict) -> None:
 
 def test_connection_refused_is_retryable() -> None:
     # Port 9 (discard) on 127.0.0.1 is closed on a test machine.
-    destination = HttpDestination("t", HttpSettings(url="http://127.0.0.1:9/x", timeout_seconds=2))
+    destination = HttpDestination(
+        "t", HttpSettings(url="http://127.0.0.1:9/x", timeout_seconds=2)
+    )
     result = destination.send(Outbound(1, "t", "journal", "k", "{}", 1))
     assert result.verdict is Verdict.RETRY
     assert result.status is None

@@ -47,7 +47,9 @@ def _append(config_dir: Path, text: str) -> Path:
 
 def _line(path: Path, needle: str, occurrence: int = 1) -> int:
     lines = enumerate(path.read_text().splitlines(), 1)
-    hits = [n for n, line in lines if needle in line and not line.lstrip().startswith("#")]
+    hits = [
+        n for n, line in lines if needle in line and not line.lstrip().startswith("#")
+    ]
     return hits[occurrence - 1]
 
 
@@ -55,7 +57,11 @@ def _fails(config_dir: Path, line: int, field: str) -> ConfigurationError:
     with pytest.raises(ConfigurationError) as caught:
         load_configuration(config_dir)
     error = caught.value
-    assert (Path(error.path).name, error.line, error.field) == ("carebridge.yaml", line, field)
+    assert (Path(error.path).name, error.line, error.field) == (
+        "carebridge.yaml",
+        line,
+        field,
+    )
     assert f"carebridge.yaml:{line}" in str(error)
     return error
 
@@ -67,9 +73,18 @@ def test_demo_has_no_destination() -> None:
 def test_destinations_are_loaded(config_dir: Path) -> None:
     _append(config_dir, GOOD)
     erp, archive = load_configuration(config_dir).destinations
-    assert (erp.name, erp.type, erp.kinds, erp.enabled) == ("erp", "http", ("journal",), True)
-    assert erp.settings == {"url": "http://127.0.0.1:8080/journals", "timeout_seconds": 5.0}
-    assert erp.max_attempts == 4 and erp.backoff_cap_seconds == 300.0
+    assert (erp.name, erp.type, erp.kinds, erp.enabled) == (
+        "erp",
+        "http",
+        ("journal",),
+        True,
+    )
+    assert erp.settings == {
+        "url": "http://127.0.0.1:8080/journals",
+        "timeout_seconds": 5.0,
+    }
+    assert erp.max_attempts == 4
+    assert erp.backoff_cap_seconds == 300.0
     assert archive.enabled is False
 
 
@@ -80,13 +95,20 @@ def test_unknown_type_names_the_type_line(config_dir: Path) -> None:
 
 
 def test_bad_setting_names_the_setting_line(config_dir: Path) -> None:
-    path = _append(config_dir, GOOD.replace("http://127.0.0.1:8080/journals", "ftp://x/y"))
+    path = _append(
+        config_dir, GOOD.replace("http://127.0.0.1:8080/journals", "ftp://x/y")
+    )
     _fails(config_dir, _line(path, "ftp://x/y"), "destinations.0.settings.url")
 
 
 def test_missing_url_names_the_settings_line(config_dir: Path) -> None:
-    path = _append(config_dir, GOOD.replace("      url: https://archive.example.org/in\n", "      {}\n"))
-    path.write_text(path.read_text().replace("    settings:\n      {}\n", "    settings: {}\n"))
+    path = _append(
+        config_dir,
+        GOOD.replace("      url: https://archive.example.org/in\n", "      {}\n"),
+    )
+    path.write_text(
+        path.read_text().replace("    settings:\n      {}\n", "    settings: {}\n")
+    )
     _fails(config_dir, _line(path, "settings: {}"), "destinations.1.settings.url")
 
 
@@ -103,7 +125,13 @@ def test_unknown_kind_is_refused(config_dir: Path) -> None:
 def test_cap_below_base_is_refused(config_dir: Path) -> None:
     path = _append(
         config_dir,
-        GOOD.replace("    max_attempts: 4\n",
-                     "    backoff_base_seconds: 10\n    backoff_cap_seconds: 2\n"),
+        GOOD.replace(
+            "    max_attempts: 4\n",
+            "    backoff_base_seconds: 10\n    backoff_cap_seconds: 2\n",
+        ),
     )
-    _fails(config_dir, _line(path, "backoff_cap_seconds: 2"), "destinations.0.backoff_cap_seconds")
+    _fails(
+        config_dir,
+        _line(path, "backoff_cap_seconds: 2"),
+        "destinations.0.backoff_cap_seconds",
+    )

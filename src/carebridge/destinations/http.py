@@ -23,8 +23,8 @@ USER_AGENT = "carebridge-deliveries/1"
 DETAIL_LIMIT = 300
 
 # RFC 9110 §15.5.9 (408 Request Timeout) and RFC 6585 §4 (429 Too Many
-# Requests) ask the client to try again later; other 4xx say the request
-# itself is wrong, and sending it again cannot help.
+# Requests) tell the client to try again later. Other 4xx mean the request
+# itself is invalid, so sending it again cannot succeed.
 RETRYABLE_CLIENT_ERRORS = frozenset({408, 429})
 # The destination already holds a request with this Idempotency-Key: the
 # record arrived earlier (perhaps from a worker whose lease expired).
@@ -56,7 +56,7 @@ def classify_status(status: int) -> Verdict:
     2xx and 409 (duplicate key) are delivered; 408, 429 and 5xx are retried
     (RFC 9110 §15.6: the server failed or is unavailable, not the request);
     redirects and other 4xx are dead, since the same request would get the
-    same answer (redirects are not followed so a POST never moves silently).
+    same response (redirects are not followed so a POST never moves silently).
     """
     if 200 <= status < 300 or status == DUPLICATE:
         return Verdict.DELIVERED
@@ -68,7 +68,7 @@ def classify_status(status: int) -> Verdict:
 def parse_retry_after(
     value: str | None, *, now: dt.datetime | None = None
 ) -> float | None:
-    """Return the delay a Retry-After header asks for, in seconds.
+    """Return the delay a Retry-After header requests, in seconds.
 
     RFC 9110 §10.2.3 allows delay-seconds or an HTTP-date; anything else is
     ignored.

@@ -1,9 +1,9 @@
 """Destination types by name, and the interface every destination implements.
 
 The delivery engine (:mod:`carebridge.engine.deliveries`) reaches a
-destination only through :func:`build_destination`, and the configuration
-checks a destination's ``settings`` through :func:`validate_settings`, so a
-new type is added by registering it here; neither changes.
+destination only through :func:`build_destination`. The configuration
+checks a destination's ``settings`` through :func:`validate_settings`.
+A new type is therefore added by registering it here, and neither changes.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from carebridge.config.model import DestinationConfig
 
 
 class Verdict(StrEnum):
-    """What a send attempt means for its delivery."""
+    """The outcome a send attempt has for its delivery."""
 
     DELIVERED = "delivered"
     RETRY = "retry"
@@ -59,7 +59,11 @@ class Destination(Protocol):
     name: str
 
     def send(self, outbound: Outbound) -> SendResult:
-        """Deliver ``outbound`` once; never raise for a failed delivery."""
+        """Deliver ``outbound`` once and return the result.
+
+        A failed delivery is a result, not an exception; the engine still
+        catches an exception and retries the delivery.
+        """
         ...
 
 

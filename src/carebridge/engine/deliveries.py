@@ -100,7 +100,8 @@ def backoff_ceiling(attempt: int, base: float, cap: float) -> float:
 
     ``base * 2**(attempt - 1)``, never above ``cap``.
     """
-    exponent = min(max(attempt - 1, 0), 60)  # 2**60 s is past any sane cap
+    # Bounding the exponent keeps a huge attempt number from overflowing.
+    exponent = min(max(attempt - 1, 0), 60)
     return min(cap, base * 2.0**exponent)
 
 
@@ -158,7 +159,9 @@ def enqueue(
     """
     existing = conn.execute(
         select(deliveries.c.id)
-        .where(deliveries.c.destination == destination, deliveries.c.idempotency_key == key)
+        .where(
+            deliveries.c.destination == destination, deliveries.c.idempotency_key == key
+        )
         .order_by(deliveries.c.id.desc())
         .limit(1)
     ).scalar()
@@ -205,7 +208,9 @@ def journal_payloads(conn: Connection, journal_ids: Iterable[int]) -> dict[int, 
     ids = sorted(set(journal_ids))
     payloads: dict[int, dict] = {}
     for chunk in _chunks(ids):
-        for row in conn.execute(select(journals).where(journals.c.id.in_(chunk))).mappings():
+        for row in conn.execute(
+            select(journals).where(journals.c.id.in_(chunk))
+        ).mappings():
             payloads[row["id"]] = {
                 "kind": "journal",
                 "journal": {
@@ -344,7 +349,9 @@ def claim(
             # Lock the rows first and update that fixed list: PostgreSQL may
             # run an IN (... SKIP LOCKED LIMIT n) subquery more than once and
             # so claim more than n rows.
-            chosen = conn.execute(due_ids.with_for_update(skip_locked=True)).scalars().all()
+            chosen = (
+                conn.execute(due_ids.with_for_update(skip_locked=True)).scalars().all()
+            )
             target = c.id.in_(chosen or [-1])
         else:
             # SQLite: one statement, so the write lock is taken before the
@@ -367,8 +374,16 @@ def claim(
             .order_by(c.next_attempt_at, c.id)
         ).all()
     return [
-        Claim(row.id, destination.name, row.kind, row.idempotency_key, row.payload,
-              row.attempts, token, lease_until)
+        Claim(
+            row.id,
+            destination.name,
+            row.kind,
+            row.idempotency_key,
+            row.payload,
+            row.attempts,
+            token,
+            lease_until,
+        )
         for row in rows
     ]
 
@@ -427,9 +442,11 @@ def admit(
     """Return how many deliveries the circuit lets this pass claim, and if a trial.
 
     ``(batch_size, False)`` when closed; ``(0, False)`` while open;
-    ``(1, True)`` for the trial once the cool-down is over. The switch to ``half_open`` is a compare-and-set, so
-    of several workers only one gets the trial; it expires after a lease
-    in case that worker dies.
+    ``(1, True)`` for the trial once the cool-down is over.
+
+    The switch to ``half_open`` is a compare-and-set, so only one of several
+    workers gets the trial. The trial expires after ``lease_seconds`` in
+    case that worker dies.
     """
     _ensure_state(engine, destination.name, now)
     s = destination_states.c
@@ -521,7 +538,7 @@ def _breaker_failure(
 
 @dataclass(frozen=True, slots=True)
 class Recorded:
-    """What :func:`record` wrote: the delivery's new state and the circuit's."""
+    """The result of :func:`record`: the delivery's new state and the circuit's."""
 
     state: str | None
     circuit: str
@@ -539,23 +556,45 @@ def _delivery_values(
     detail = result.detail[:DETAIL_LIMIT]
     done = {"lease_token": None, "lease_until": None}
     if result.verdict is Verdict.DELIVERED:
-        return {**done, "state": DELIVERED, "delivered_at": now, "response": detail,
-                "last_error": None}
+        return {
+            **done,
+            "state": DELIVERED,
+            "delivered_at": now,
+            "response": detail,
+            "last_error": None,
+        }
     if result.verdict is Verdict.DEAD:
-        return {**done, "state": DEAD, "dead_at": now, "response": detail,
-                "last_error": detail}
+        return {
+            **done,
+            "state": DEAD,
+            "dead_at": now,
+            "response": detail,
+            "last_error": detail,
+        }
     if item.attempt >= destination.max_attempts:
         reason = f"gave up after {item.attempt} attempts: {detail}"
-        return {**done, "state": DEAD, "dead_at": now, "last_error": reason[:DETAIL_LIMIT]}
+        return {
+            **done,
+            "state": DEAD,
+            "dead_at": now,
+            "last_error": reason[:DETAIL_LIMIT],
+        }
     wait = backoff_delay(
-        item.attempt, destination.backoff_base_seconds, destination.backoff_cap_seconds, rng
+        item.attempt,
+        destination.backoff_base_seconds,
+        destination.backoff_cap_seconds,
+        rng,
     )
     if result.retry_after is not None:
-        # The destination said how long to wait (RFC 9110 §10.2.3); the cap
-        # still bounds it so a bad header cannot park a delivery for days.
+        # The destination requested a wait (RFC 9110 §10.2.3). The cap still
+        # bounds it, so a wrong header cannot park a delivery for days.
         wait = max(wait, min(result.retry_after, destination.backoff_cap_seconds))
-    return {**done, "state": PENDING, "next_attempt_at": now + dt.timedelta(seconds=wait),
-            "last_error": detail}
+    return {
+        **done,
+        "state": PENDING,
+        "next_attempt_at": now + dt.timedelta(seconds=wait),
+        "last_error": detail,
+    }
 
 
 def record(
@@ -578,18 +617,22 @@ def record(
     with engine.begin() as conn:
         written = conn.execute(
             update(deliveries)
-            .where(c.id == item.delivery_id, c.lease_token == item.lease_token,
-                   c.state == IN_FLIGHT)
+            .where(
+                c.id == item.delivery_id,
+                c.lease_token == item.lease_token,
+                c.state == IN_FLIGHT,
+            )
             .values(**values)
         ).rowcount
         if result.verdict is Verdict.RETRY:
             circuit, opened = _breaker_failure(conn, destination, now, result.detail)
             outcome = Recorded(values["state"] if written else None, circuit, opened)
         else:
-            # Any answer but a retryable one shows the destination is up.
+            # Any response other than a retryable one shows the destination is up.
             closed = _breaker_success(conn, destination.name, now)
-            outcome = Recorded(values["state"] if written else None, CLOSED,
-                               circuit_closed=closed)
+            outcome = Recorded(
+                values["state"] if written else None, CLOSED, circuit_closed=closed
+            )
     _log_recorded(destination, item, result, outcome, values)
     return outcome
 
@@ -601,20 +644,40 @@ def _log_recorded(
     outcome: Recorded,
     values: Mapping[str, Any],
 ) -> None:
-    extra = {"delivery_id": item.delivery_id, "destination": destination.name,
-             "attempt": item.attempt, "status": result.status}
+    extra = {
+        "delivery_id": item.delivery_id,
+        "destination": destination.name,
+        "attempt": item.attempt,
+        "status": result.status,
+    }
     if outcome.circuit_opened:
-        log.warning("circuit opened: deliveries paused", extra={
-            **extra, "action": "circuit_open",
-            "cooldown_seconds": destination.circuit_cooldown_seconds})
+        log.warning(
+            "circuit opened: deliveries paused",
+            extra={
+                **extra,
+                "action": "circuit_open",
+                "cooldown_seconds": destination.circuit_cooldown_seconds,
+            },
+        )
     if outcome.circuit_closed:
-        log.info("circuit closed: deliveries resume", extra={**extra, "action": "circuit_closed"})
+        log.info(
+            "circuit closed: deliveries resume",
+            extra={**extra, "action": "circuit_closed"},
+        )
     if outcome.state is None:
-        log.info("lease lost before the result was written",
-                 extra={**extra, "action": "delivery_lease_lost"})
+        log.info(
+            "lease lost before the result was written",
+            extra={**extra, "action": "delivery_lease_lost"},
+        )
     elif outcome.state == PENDING:
-        log.info("delivery will be retried", extra={
-            **extra, "action": "delivery_retry", "next_attempt_at": values["next_attempt_at"]})
+        log.info(
+            "delivery will be retried",
+            extra={
+                **extra,
+                "action": "delivery_retry",
+                "next_attempt_at": values["next_attempt_at"],
+            },
+        )
     elif outcome.state == DEAD:
         log.warning("delivery dead", extra={**extra, "action": "delivery_dead"})
     else:
@@ -629,8 +692,8 @@ class DeliveryPassResult:
     """Counts of one pass over every enabled destination.
 
     ``lost`` counts results not written because the lease had passed to
-    another worker; ``circuit_open`` counts destinations skipped by their
-    breaker; ``released`` counts claims handed back unsent.
+    another worker. ``circuit_open`` counts destinations skipped by their
+    breaker, and ``released`` counts claims returned unsent.
     """
 
     claimed: int = 0
@@ -643,7 +706,10 @@ class DeliveryPassResult:
 
     def __add__(self, other: DeliveryPassResult) -> DeliveryPassResult:
         return DeliveryPassResult(
-            **{f.name: getattr(self, f.name) + getattr(other, f.name) for f in fields(self)}
+            **{
+                f.name: getattr(self, f.name) + getattr(other, f.name)
+                for f in fields(self)
+            }
         )
 
 
@@ -651,16 +717,24 @@ def _send(sender: Destination, item: Claim) -> SendResult:
     try:
         return sender.send(item.outbound())
     except Exception as exc:  # a destination bug must not kill the worker
-        log.exception("destination raised", extra={
-            "action": "delivery_error", "delivery_id": item.delivery_id,
-            "destination": item.destination, "attempt": item.attempt})
-        return SendResult(Verdict.RETRY, f"destination raised {type(exc).__name__}")
+        log.exception(
+            "destination failed with an unexpected error",
+            extra={
+                "action": "delivery_error",
+                "delivery_id": item.delivery_id,
+                "destination": item.destination,
+                "attempt": item.attempt,
+            },
+        )
+        return SendResult(Verdict.RETRY, f"unexpected error {type(exc).__name__}")
 
 
 def _lease_exhausted(destination: DestinationConfig, item: Claim) -> SendResult | None:
     # Claimed more often than allowed: its workers died holding it each time.
     if item.attempt > destination.max_attempts:
-        return SendResult(Verdict.DEAD, f"lease expired at each of {item.attempt - 1} attempts")
+        return SendResult(
+            Verdict.DEAD, f"lease expired at each of {item.attempt - 1} attempts"
+        )
     return None
 
 
@@ -676,8 +750,13 @@ def _run_destination(
     allowed, trial = admit(engine, destination, clock())
     if allowed == 0:
         return DeliveryPassResult(circuit_open=1)
-    claims = claim(engine, destination, owner=owner, now=clock(),
-                   limit=min(allowed, limit) if limit is not None else allowed)
+    claims = claim(
+        engine,
+        destination,
+        owner=owner,
+        now=clock(),
+        limit=min(allowed, limit) if limit is not None else allowed,
+    )
     if trial and not claims:
         _return_trial(engine, destination.name, clock())
     sender = build_destination(destination) if claims else None
@@ -718,12 +797,15 @@ def run_deliveries(
         rng: The random source of the backoff jitter, for tests.
     """
     clock = _Clock(now or utcnow())
-    log.debug("delivery pass started", extra={"action": "delivery_pass", "owner": owner})
+    log.debug(
+        "delivery pass started", extra={"action": "delivery_pass", "owner": owner}
+    )
     total = DeliveryPassResult()
     for destination in config.destinations:
         if destination.enabled:
-            total += _run_destination(engine, destination, owner=owner, clock=clock,
-                                      limit=limit, rng=rng)
+            total += _run_destination(
+                engine, destination, owner=owner, clock=clock, limit=limit, rng=rng
+            )
     return total
 
 
@@ -774,17 +856,25 @@ def replay(
         if _live(conn, row["destination"], row["idempotency_key"]):
             continue
         created.append(_copy_dead(conn, row, moment))
-    log.info("dead deliveries replayed", extra={"action": "delivery_replay",
-                                                 "replayed": len(created)})
+    log.info(
+        "dead deliveries replayed",
+        extra={"action": "delivery_replay", "replayed": len(created)},
+    )
     return created
 
 
 def _live(conn: Connection, destination: str, key: str) -> bool:
     c = deliveries.c
-    return conn.execute(
-        select(c.id).where(c.destination == destination, c.idempotency_key == key,
-                           c.state != DEAD).limit(1)
-    ).scalar() is not None
+    return (
+        conn.execute(
+            select(c.id)
+            .where(
+                c.destination == destination, c.idempotency_key == key, c.state != DEAD
+            )
+            .limit(1)
+        ).scalar()
+        is not None
+    )
 
 
 def _copy_dead(conn: Connection, row: Mapping[str, Any], now: dt.datetime) -> int:
@@ -802,9 +892,15 @@ def _copy_dead(conn: Connection, row: Mapping[str, Any], now: dt.datetime) -> in
             replay_of=row["id"],
         )
     ).inserted_primary_key[0]
-    log.info("delivery replayed", extra={"action": "delivery_replay", "delivery_id": new_id,
-                                         "replay_of": row["id"],
-                                         "destination": row["destination"]})
+    log.info(
+        "delivery replayed",
+        extra={
+            "action": "delivery_replay",
+            "delivery_id": new_id,
+            "replay_of": row["id"],
+            "destination": row["destination"],
+        },
+    )
     return new_id
 
 

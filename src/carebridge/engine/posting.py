@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from sqlalchemy import Connection, Engine, func, insert, select
 
 from carebridge.config.model import Configuration
+from carebridge.engine.deliveries import enqueue_journals
 from carebridge.errors import StoreError
 from carebridge.store.schema import charge_lines, journal_lines, journals, supply_issues
 from carebridge.workflows.journals import (
@@ -54,6 +55,7 @@ def post_journals(engine: Engine, config: Configuration) -> PostingResult:
         batch = (conn.execute(select(func.max(journals.c.posting_batch))).scalar() or 0) + 1
         now = dt.datetime.now(dt.UTC)
         line_count = 0
+        journal_ids: list[int] = []
         for draft in drafts:
             journal_id = conn.execute(
                 insert(journals).values(
@@ -71,6 +73,7 @@ def post_journals(engine: Engine, config: Configuration) -> PostingResult:
                     created_at=now,
                 )
             ).inserted_primary_key[0]
+            journal_ids.append(journal_id)
             conn.execute(
                 insert(journal_lines),
                 [
@@ -91,6 +94,9 @@ def post_journals(engine: Engine, config: Configuration) -> PostingResult:
             )
             line_count += len(draft.lines)
             _mark_journaled(conn, draft, journal_id)
+        # The outbox rows commit with the journals, so every journal is
+        # promised to each destination exactly when it exists.
+        enqueue_journals(conn, config, journal_ids, now=now)
     log.info(
         "journals posted",
         extra={"action": "journals_posted", "batch": batch, "journals": len(drafts),

@@ -29,7 +29,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from carebridge.config.model import Configuration
 from carebridge.engine.intake import FAILED, PROCESSED, RECEIVED
-from carebridge.engine.lanes import LANE_COUNT
+from carebridge.engine.lanes import LANE_COUNT, ensure_lanes
 from carebridge.errors import InputError
 from carebridge.ingest.registry import map_raw
 from carebridge.model import NULL, CanonicalBatch, Encounter, Patient, Service, SupplyUse
@@ -552,9 +552,15 @@ def claim_batch(conn: Connection, batch_size: int) -> list[Row]:
     )
     if conn.dialect.name == "postgresql":
         offset = random.randrange(LANE_COUNT)
+        pending = (
+            select(messages.c.id)
+            .where(messages.c.state == RECEIVED, messages.c.lane == lanes.c.lane)
+            .exists()
+        )
         held = list(
             conn.execute(
                 select(lanes.c.lane)
+                .where(pending)
                 .order_by((lanes.c.lane + offset) % LANE_COUNT)
                 .limit(max(LANE_COUNT // 4, 1))
                 .with_for_update(skip_locked=True)
@@ -655,6 +661,8 @@ def process_pending(
     """
     capture = ChargeCapture(config, as_of or dt.date.today())
     result = ProcessResult()
+    with engine.begin() as conn:
+        ensure_lanes(conn)
     while True:
         processed, failed = process_batch(
             engine, config, capture, batch_size=batch_size, run_id=run_id
