@@ -14,10 +14,21 @@ from sqlalchemy.exc import OperationalError
 
 from carebridge.config import load_chargemaster, load_configuration
 from carebridge.config.chargemaster import FORMATS as CHARGEMASTER_FORMATS
+from carebridge.engine.deliveries import delivery_summary, replay
+from carebridge.engine.intake import IntakeResult, store_inputs
 from carebridge.engine.job import JobOptions, run_job
+from carebridge.engine.worker import Worker, WorkerOptions, WorkerStats
+from carebridge.ingest.files.sources import discover, split_path
 from carebridge.errors import CarebridgeError
 from carebridge.logs import configure as configure_logging
-from carebridge.store.db import DEFAULT_DATABASE, open_engine, sqlite_url
+from carebridge.store.db import (
+    DEFAULT_DATABASE,
+    current_revision,
+    head_revision,
+    open_engine,
+    sqlite_url,
+    upgrade_database,
+)
 
 log = logging.getLogger(__name__)
 
@@ -225,6 +236,8 @@ def demo(out_dir: Path, db_url: str | None, as_json: bool, config_dir: Path | No
 )
 @click.option("--source", default="files", show_default=True,
               help="Source name recorded with every message.")
+@click.option("--store-only", is_flag=True,
+              help="Only store the messages; leave processing to `carebridge worker`.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as one JSON object.")
 @config_option
 def ingest(
@@ -232,6 +245,7 @@ def ingest(
     db_url: str | None,
     out_dir: Path | None,
     source: str,
+    store_only: bool,
     as_json: bool,
     config_dir: Path | None,
 ) -> None:
@@ -241,8 +255,147 @@ def ingest(
     processed; a message seen before is recorded as a duplicate and not
     posted again.
     """
+    if store_only:
+        _store_only(list(paths), db_url or sqlite_url(DEFAULT_DATABASE), source, as_json)
+        return
     _run(list(paths), out_dir, db_url or sqlite_url(DEFAULT_DATABASE), as_json,
          config_dir, command="ingest", source=source)
+
+
+def _store_only(paths: list[Path], db_url: str, source: str, as_json: bool) -> None:
+    try:
+        engine = open_engine(db_url)
+        found = discover(paths)
+        total = IntakeResult()
+        for path in found.files:
+            total.add(store_inputs(engine, split_path(path), source=source))
+    except CarebridgeError as exc:
+        _fail(str(exc), exc.exit_code, as_json)
+    except OperationalError as exc:
+        _fail(f"database error: {exc.orig}", 4, as_json)
+    summary = {"messages_read": total.read, "stored": total.stored,
+               "duplicates": total.duplicates, "failed": total.failed,
+               "files": len(found.files), "files_skipped": len(found.skipped)}
+    if as_json:
+        click.echo(json.dumps(summary, sort_keys=True))
+    else:
+        click.echo(" ".join(f"{key}={value}" for key, value in summary.items()))
+
+
+def _worker_options(function: Any) -> Any:
+    function = click.option(
+        "--batch-size", type=click.IntRange(1, 10000), default=500, show_default=True,
+        help="Messages claimed and committed together.")(function)
+    function = click.option(
+        "--no-deliver", is_flag=True, help="Do not send deliveries from this process.")(
+        function)
+    return config_option(function)
+
+
+def _start_worker(db_url: str, config_dir: Path | None, options: WorkerOptions,
+                  until_idle: bool) -> WorkerStats:
+    try:
+        config = load_configuration(config_dir or bundled("demo", "config"))
+        engine = open_engine(db_url)
+    except CarebridgeError as exc:
+        _fail(str(exc), exc.exit_code, False)
+    worker = Worker(engine, config, options)
+    worker.install_signal_handlers()
+    return worker.run(until_idle=until_idle)
+
+
+@main.command(short_help="Run workers only, against a shared database.")
+@verbose_option
+@click.option("--db", "db_url", required=True,
+              help="SQLAlchemy URL of the shared database, e.g. "
+              "postgresql+psycopg://user:password@host/carebridge.")
+@click.option("--until-idle", is_flag=True,
+              help="Exit once no message is left to process (for batch jobs and tests).")
+@_worker_options
+def worker(db_url: str, until_idle: bool, batch_size: int, no_deliver: bool,
+           config_dir: Path | None) -> None:
+    """Process stored messages, post journals and send deliveries.
+
+    Start as many workers as you like, on any hosts, against one PostgreSQL
+    database; they share the work without processing a patient's messages
+    out of order. SIGTERM or Ctrl-C stops a worker after its current batch.
+    """
+    options = WorkerOptions(batch_size=batch_size, deliver=not no_deliver)
+    stats = _start_worker(db_url, config_dir, options, until_idle)
+    click.echo(f"worker {options.owner}: {stats.processed} processed, "
+               f"{stats.failed} failed, {stats.journals} journals")
+
+
+@main.command(short_help="Run carebridge as one service on the embedded database.")
+@verbose_option
+@click.option("--db", "db_url", default=None,
+              help=f"SQLAlchemy URL of the database. Default: SQLite file ./{DEFAULT_DATABASE}.")
+@click.option("--inbox", type=click.Path(file_okay=False, path_type=Path),
+              default=Path("inbox"), show_default=True,
+              help="Folder watched for files; each is stored, then moved to INBOX/done/.")
+@_worker_options
+def serve(db_url: str | None, inbox: Path, batch_size: int, no_deliver: bool,
+          config_dir: Path | None) -> None:
+    """Run everything in one process: inbox intake, processing, posting, delivery.
+
+    Drop HL7 v2, FHIR JSON or Synthea CSV files into the inbox. A file moves
+    to INBOX/done/ only after its messages are committed to the database.
+    SIGTERM or Ctrl-C stops the service after the batch in hand.
+    """
+    inbox.mkdir(parents=True, exist_ok=True)
+    options = WorkerOptions(batch_size=batch_size, deliver=not no_deliver, inbox=inbox)
+    _start_worker(db_url or sqlite_url(DEFAULT_DATABASE), config_dir, options, False)
+
+
+@main.group()
+def db() -> None:
+    """Create or upgrade the database schema."""
+
+
+@db.command("upgrade")
+@click.option("--db", "db_url", required=True, help="SQLAlchemy URL of the database.")
+def db_upgrade(db_url: str) -> None:
+    """Bring the database to the newest schema revision."""
+    revision = upgrade_database(db_url)
+    click.echo(f"database at revision {revision}")
+
+
+@db.command("current")
+@click.option("--db", "db_url", required=True, help="SQLAlchemy URL of the database.")
+def db_current(db_url: str) -> None:
+    """Print the database's schema revision and the newest one."""
+    revision = current_revision(open_engine(db_url, create=False))
+    click.echo(f"database at revision {revision or '(none)'}; newest is {head_revision()}")
+
+
+@main.group()
+def deliveries() -> None:
+    """Inspect the outbox and replay dead letters."""
+
+
+@deliveries.command("list")
+@click.option("--db", "db_url", required=True, help="SQLAlchemy URL of the database.")
+def deliveries_list(db_url: str) -> None:
+    """Print delivery counts by destination and state."""
+    with open_engine(db_url).connect() as conn:
+        click.echo(json.dumps(delivery_summary(conn), indent=2, sort_keys=True))
+
+
+@deliveries.command("replay")
+@click.option("--db", "db_url", required=True, help="SQLAlchemy URL of the database.")
+@click.option("--id", "delivery_ids", type=int, multiple=True,
+              help="Replay this dead delivery; repeat for several.")
+@click.option("--destination", default=None, help="Replay the dead letters of one destination.")
+@click.option("--all", "all_dead", is_flag=True, help="Replay every dead letter.")
+def deliveries_replay(db_url: str, delivery_ids: tuple[int, ...], destination: str | None,
+                      all_dead: bool) -> None:
+    """Queue dead deliveries again; each replay records the one it copies."""
+    if not (delivery_ids or destination or all_dead):
+        raise click.UsageError("give --id, --destination or --all")
+    with open_engine(db_url).begin() as conn:
+        new_ids = replay(conn, delivery_ids=list(delivery_ids) or None,
+                         destination=destination, all_dead=all_dead)
+    click.echo(f"{len(new_ids)} deliveries queued again")
 
 
 @main.command(short_help="Check a chargemaster file and list its bad rows.")

@@ -48,6 +48,17 @@ def _configure_sqlite(dbapi_connection: Any, _record: Any) -> None:
     cursor.execute("PRAGMA foreign_keys=ON")
     cursor.execute("PRAGMA busy_timeout=30000")
     cursor.close()
+    # Let SQLAlchemy's "begin" event open every transaction (see below).
+    dbapi_connection.isolation_level = None
+
+
+def _begin_immediate(conn: Connection) -> None:
+    # A deferred transaction that reads and then writes cannot wait for the
+    # lock: SQLite fails it at once with "database is locked" when another
+    # process wrote meanwhile. Taking the write lock at BEGIN makes a second
+    # writer wait (up to busy_timeout) instead, and makes a claim-then-update
+    # batch safe across processes.
+    conn.exec_driver_sql("BEGIN IMMEDIATE")
 
 
 def open_engine(url: str, *, create: bool = True) -> Engine:
@@ -63,6 +74,7 @@ def open_engine(url: str, *, create: bool = True) -> Engine:
     engine = create_engine(url)
     if parsed.get_backend_name() == "sqlite":
         event.listen(engine, "connect", _configure_sqlite)
+        event.listen(engine, "begin", _begin_immediate)
         if parsed.database and parsed.database != ":memory:":
             Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
     if create:
