@@ -88,6 +88,9 @@ def print_summary(summary: dict[str, Any]) -> None:
     lines += [
         f"  services             {summary['services']:>8}   = {accounted['charged']} charged"
         f" + {accounted['work_items']} work items + {accounted['duplicates']} duplicates"
+        + (f" + {accounted['waiting']} waiting for their encounter"
+           if accounted["waiting"] else "")
+        +
         f"  [{'holds' if accounted['identity_holds'] else 'BROKEN'}]",
         f"  charge lines         {charges['count']:>8}   total {charges['total']} "
         f"({charges['from_services']} from services, {charges['from_supplies']} from supplies)",

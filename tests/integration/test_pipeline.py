@@ -14,6 +14,7 @@ from carebridge.engine.intake import store_inputs
 from carebridge.engine.job import JobOptions, run_job
 from carebridge.engine.posting import post_journals
 from carebridge.engine.processor import process_pending
+from carebridge.engine.waits import resume_waits
 from carebridge.ingest.files.sources import split_path
 from carebridge.store.schema import (
     charge_lines,
@@ -22,10 +23,11 @@ from carebridge.store.schema import (
     messages,
     patients,
     services,
+    waits,
     work_items,
 )
 
-from .conftest import hl7
+from .conftest import DEMO, hl7
 
 AS_OF = dt.date(2024, 6, 1)
 
@@ -238,3 +240,67 @@ def test_batch_sees_earlier_messages(
     charge = MESSAGE_X.replace(b"VIS0011", b"VIS0500").replace(b"TXN0011", b"TXN0500")
     ingest(engine, config, write(tmp_path, "a.hl7", adt), write(tmp_path, "b.hl7", charge))
     assert count(engine, charge_lines, charge_lines.c.encounter_id == "VIS0500") == 1
+
+
+SYNTHEA = DEMO / "data" / "synthea" / "csv"
+
+
+def synthea_rows(name: str, predicate) -> bytes:
+    lines = (SYNTHEA / name).read_bytes().splitlines(keepends=True)
+    return lines[0] + b"".join(line for line in lines[1:] if predicate(line))
+
+
+def test_charge_waits_for_its_encounter(
+    engine: Engine, config: Configuration, tmp_path: Path
+) -> None:
+    # A CBC (SNOMED 9564003, priced in the crosswalk) documented before the
+    # encounters export that registers its visit has been received.
+    procedures = synthea_rows("procedures.csv", lambda line: b",9564003," in line)
+    first = procedures.splitlines()[1].decode()
+    encounter_id = first.split(",")[3]
+    (tmp_path / "early").mkdir()
+    (tmp_path / "early" / "procedures.csv").write_bytes(
+        procedures.splitlines(keepends=True)[0] + procedures.splitlines(keepends=True)[1]
+    )
+    ingest(engine, config, tmp_path / "early" / "procedures.csv")
+    with engine.connect() as conn:
+        outcome = conn.execute(select(services.c.outcome)).scalar_one()
+        parked = conn.execute(select(waits.c.state, waits.c.wait_key)).one()
+    assert outcome == "waiting"
+    assert tuple(parked) == ("waiting", encounter_id)
+    assert count(engine, work_items) == 0
+
+    (tmp_path / "late").mkdir()
+    (tmp_path / "late" / "encounters.csv").write_bytes(
+        synthea_rows("encounters.csv", lambda line: line.startswith(encounter_id.encode()))
+    )
+    ingest(engine, config, tmp_path / "late" / "encounters.csv")
+    with engine.connect() as conn:
+        procedure = conn.execute(
+            select(services.c.outcome).where(services.c.kind == "procedure")
+        ).scalar_one()
+        state = conn.execute(select(waits.c.state)).scalar_one()
+        keys = conn.execute(select(charge_lines.c.service_key)).scalars().all()
+    assert procedure == "charged"
+    assert state == "resumed"
+    assert any(":9564003:" in key for key in keys)
+
+
+def test_wait_expires_into_work_item(
+    engine: Engine, config: Configuration, tmp_path: Path
+) -> None:
+    procedures = synthea_rows("procedures.csv", lambda line: b",9564003," in line)
+    path = tmp_path / "procedures.csv"
+    path.write_bytes(b"".join(procedures.splitlines(keepends=True)[:2]))
+    ingest(engine, config, path)
+    later = dt.datetime.now(dt.UTC) + dt.timedelta(hours=config.rules.encounter_wait_hours + 1)
+    result = resume_waits(engine, config, now=later, as_of=AS_OF)
+
+    assert result.expired == 1
+    with engine.connect() as conn:
+        item = conn.execute(select(work_items.c.reason, work_items.c.detail)).one()
+        outcome = conn.execute(select(services.c.outcome)).scalar_one()
+    assert item.reason == "encounter_not_found"
+    assert "hours" in item.detail
+    assert outcome == "work_item"
+    assert count(engine, charge_lines) == 0

@@ -129,6 +129,7 @@ def load_configuration(config_dir: Path) -> Configuration:
             latest_service_date=main.rules.latest_service_date,
             max_units=main.rules.max_units,
             max_amount=main.rules.max_amount,
+            encounter_wait_hours=main.rules.encounter_wait_hours,
             currency=main.currency,
         ),
         sources=tuple(sources),

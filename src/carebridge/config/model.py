@@ -99,6 +99,7 @@ class ChargeRules:
     max_units: Decimal
     currency: str
     max_amount: Decimal = Decimal("1000000.00")
+    encounter_wait_hours: int = 24
 
 
 @dataclass(frozen=True, slots=True)

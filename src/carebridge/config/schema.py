@@ -65,6 +65,7 @@ class RulesSection(_Strict):
     latest_service_date: dt.date | None = None
     max_units: Decimal = Field(gt=0)
     max_amount: Decimal = Field(gt=0)
+    encounter_wait_hours: int = Field(default=24, ge=0)
 
 
 DELIVERY_KINDS = ("journal",)

@@ -169,9 +169,10 @@ def summarize(conn: Connection, run_id: int, *, posting_batch: int | None) -> di
 
     A run also processes messages an earlier, stopped run stored, so service,
     charge and work-item counts follow the run that processed each message.
-    The identity ``services == charged + work_items + duplicates`` holds for
-    documented (clinical) services; chargeable supplies add charges of their
-    own, reported under ``charges.from_supplies``.
+    The identity ``services == charged + work_items + duplicates + waiting``
+    holds for documented (clinical) services, where ``waiting`` counts charges
+    parked until their encounter is registered. Chargeable supplies add
+    charges of their own, reported under ``charges.from_supplies``.
     """
     run_messages = select(messages.c.id).where(messages.c.processed_run_id == run_id)
     in_run = services.c.message_id.in_(run_messages)
@@ -184,10 +185,12 @@ def summarize(conn: Connection, run_id: int, *, posting_batch: int | None) -> di
         "charged": services_with(clinical, services.c.outcome == "charged"),
         "work_items": services_with(clinical, services.c.outcome == "work_item"),
         "duplicates": services_with(clinical, services.c.outcome == "duplicate"),
+        "waiting": services_with(clinical, services.c.outcome == "waiting"),
     }
     service_total = services_with(clinical)
     accounted["identity_holds"] = service_total == (
         accounted["charged"] + accounted["work_items"] + accounted["duplicates"]
+        + accounted["waiting"]
     )
 
     charge_where = (charge_lines.c.source_message_id.in_(run_messages),)

@@ -30,6 +30,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from carebridge.config.model import Configuration
 from carebridge.engine.intake import FAILED, PROCESSED, RECEIVED
 from carebridge.engine.lanes import LANE_COUNT, ensure_lanes
+from carebridge.engine.waits import resume_waits, service_to_json
 from carebridge.errors import InputError
 from carebridge.ingest.registry import map_raw
 from carebridge.model import NULL, CanonicalBatch, Encounter, Patient, Service, SupplyUse
@@ -42,6 +43,7 @@ from carebridge.store.schema import (
     services,
     supply_issues,
     supply_usages,
+    waits,
     work_items,
 )
 from carebridge.workflows.charge_capture import ChargeCapture
@@ -54,6 +56,7 @@ CHARGED = "charged"
 WORK_ITEM = "work_item"
 DUPLICATE = "duplicate"
 ISSUED = "issued"
+WAITING = "waiting"
 
 PATIENT_FIELDS = ("mrn", "family_name", "given_name", "birth_date", "gender",
                   "home_phone", "business_phone")
@@ -287,6 +290,7 @@ class MessageApplier:
             "fingerprint": print_,
             "_charge": None,
             "_work_item": None,
+            "_wait": None,
         }
         self.writes.services.append(row)
         earlier = self._seen(service.service_key, self.service_prints, self.state.service_prints)
@@ -307,6 +311,23 @@ class MessageApplier:
             return
         self.service_prints[service.service_key] = print_
         encounter_found = self.encounter_class(service.encounter_id) is not None
+        wait_hours = self.state.config.rules.encounter_wait_hours
+        if service.encounter_id is not None and not encounter_found and wait_hours > 0:
+            # The ADT or FHIR Encounter may still be on its way: park the
+            # charge until it arrives or the wait runs out.
+            row["outcome"] = WAITING
+            now = dt.datetime.now(dt.UTC)
+            row["_wait"] = {
+                "kind": "encounter",
+                "wait_key": service.encounter_id,
+                "message_id": service.source_message_id,
+                "payload": service_to_json(service),
+                "state": WAITING,
+                "deadline": now + dt.timedelta(hours=wait_hours),
+                "created_at": now,
+            }
+            self._count(f"{origin}_{WAITING}")
+            return
         result = self.state.capture.price(service, encounter_found)
         if isinstance(result, Rejection):
             row["outcome"] = WORK_ITEM
@@ -510,6 +531,13 @@ def _flush(state: BatchState, run_id: int | None) -> None:
     ]
     if charges:
         conn.execute(insert(charge_lines), charges)
+    parked = [
+        {**row["_wait"], "service_id": service_id}
+        for row, service_id in zip(writes.services, service_ids, strict=True)
+        if row["_wait"]
+    ]
+    if parked:
+        conn.execute(insert(waits), parked)
 
     usage_rows = [
         {key: value for key, value in row.items() if not key.startswith("_")}
@@ -674,6 +702,7 @@ def process_pending(
         result.batches += 1
         if progress:
             progress(processed + failed)
+    resume_waits(engine, config, as_of=as_of)
     log.info(
         "processing finished",
         extra={"action": "process_done", "processed": result.processed,

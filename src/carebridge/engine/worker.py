@@ -34,6 +34,7 @@ from carebridge.engine.intake import store_inputs
 from carebridge.engine.lanes import ensure_lanes
 from carebridge.engine.posting import post_journals
 from carebridge.engine.processor import process_batch
+from carebridge.engine.waits import resume_waits
 from carebridge.errors import StoreError
 from carebridge.ingest.files.sources import split_path
 from carebridge.workflows.charge_capture import ChargeCapture
@@ -144,6 +145,8 @@ class Worker:
             self.stats.processed += processed
             self.stats.failed += failed
             self.stats.batches += 1
+        resumed = resume_waits(self.engine, self.config)
+        busy = busy or bool(resumed.charged or resumed.work_items or resumed.expired)
         posted = self._post(idle=not processed + failed)
         if self.options.deliver and self.config.destinations:
             result = run_deliveries(self.engine, self.config, owner=self.options.owner)

@@ -73,7 +73,6 @@ messages = Table(
     Column("occurrence", Integer, nullable=False, default=1),
     Column("ordering_key", String(200), nullable=True),
     Column("lane", Integer, nullable=False, default=0),
-    Column("raw", LargeBinary, nullable=False),
     Column("state", String(20), nullable=False),
     Column("duplicate_of", Integer, ForeignKey("messages.id"), nullable=True),
     Column("error", Text, nullable=True),
@@ -81,6 +80,8 @@ messages = Table(
     Column("processed_at", DateTime(timezone=True), nullable=True),
     Column("run_id", Integer, nullable=True),
     Column("processed_run_id", Integer, nullable=True),
+    Column("content_pruned_at", DateTime(timezone=True), nullable=True),
+    Column("content_archive", String(300), nullable=True),
     Index("ix_messages_state_id", "state", "id"),
     Index("ix_messages_state_lane_id", "state", "lane", "id"),
     Index("ix_messages_dedup_key", "dedup_key"),
@@ -97,7 +98,40 @@ byte offset). ``occurrence`` numbers identical CSV rows of one file that are
 distinct events. ``ordering_key`` is the patient the message is about, and
 ``lane`` a hash of it: messages of one lane are processed one batch at a
 time in id order, so updates for a patient apply in the order they arrived.
+
+The bytes themselves are in ``message_bodies`` (or ``retained_bodies``), so
+that retention can drop them and keep this row: ``content_pruned_at`` is set
+when they were pruned and ``content_archive`` names the archive file that
+holds them since (see :mod:`carebridge.engine.retention`).
 """
+
+message_bodies = Table(
+    "message_bodies",
+    metadata,
+    Column("message_id", Integer, ForeignKey("messages.id"), primary_key=True),
+    Column("received_at", DateTime(timezone=True), primary_key=True),
+    Column("raw", LargeBinary, nullable=False),
+    postgresql_partition_by="RANGE (received_at)",
+)
+"""The raw bytes of each message, verbatim, keyed by id and arrival time.
+
+On PostgreSQL the table is partitioned by month of ``received_at`` (one
+partition per month, ``message_bodies_YYYY_MM``), so pruning a month drops
+a partition and gives its space back at once. ``received_at`` is the
+message's own, which is why it is part of the key: a partitioned table's
+key must contain the partition column.
+"""
+
+retained_bodies = Table(
+    "retained_bodies",
+    metadata,
+    Column("message_id", Integer, ForeignKey("messages.id"), primary_key=True),
+    Column("received_at", DateTime(timezone=True), nullable=False),
+    Column("raw", LargeBinary, nullable=False),
+    Column("retained_at", DateTime(timezone=True), nullable=False),
+)
+"""Bodies kept past their month's partition: messages not processed yet,
+failed ones and those with an open work item, until their own retention ends."""
 
 lanes = Table(
     "lanes",
@@ -361,3 +395,25 @@ While ``open``, no delivery to the destination is claimed until
 ``retry_at``; then one trial delivery runs (``half_open``, which itself
 expires at ``retry_at`` in case the trial's worker dies).
 """
+
+waits = Table(
+    "waits",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("kind", String(20), nullable=False),
+    Column("wait_key", String(200), nullable=False),
+    Column("service_id", Integer, ForeignKey("services.id"), nullable=False),
+    Column("message_id", Integer, ForeignKey("messages.id"), nullable=False),
+    Column("payload", Text, nullable=False),
+    Column("state", String(20), nullable=False),
+    Column("deadline", DateTime(timezone=True), nullable=False),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    Column("resolved_at", DateTime(timezone=True), nullable=True),
+    Index("ix_waits_state_kind_key", "state", "kind", "wait_key"),
+    Index("ix_waits_state_deadline", "state", "deadline"),
+)
+"""Workflow steps parked until something happens: a charge waiting for its
+encounter to be registered (``kind`` ``encounter``, ``wait_key`` the
+encounter id) until ``deadline``. ``payload`` is the service as received, so
+the step resumes from stored state alone. A waiting row costs one index
+entry; it is looked at only when its encounter arrives or its time is up."""
