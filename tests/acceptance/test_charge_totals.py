@@ -144,8 +144,9 @@ def test_total_matches_to_the_cent(demo: tuple[dict, Path]) -> None:
     hl7_total = Decimal(0)
     with sqlite3.connect(database) as conn:
         rows = conn.execute(
-            "SELECT c.service_key, m.raw FROM charge_lines c "
-            "JOIN messages m ON m.id = c.source_message_id WHERE c.service_key LIKE 'hl7:%'"
+            "SELECT c.service_key, b.raw FROM charge_lines c "
+            "JOIN message_bodies b ON b.message_id = c.source_message_id "
+            "WHERE c.service_key LIKE 'hl7:%'"
         ).fetchall()
         other = conn.execute(
             "SELECT count(*) FROM charge_lines "

@@ -83,7 +83,7 @@ def test_unknown_file_becomes_work_item(tmp_path: Path) -> None:
     assert summary["work_items"]["by_reason"] == {"malformed_input": 2}
     with sqlite3.connect(database) as conn:
         details = sorted(row[0] for row in conn.execute("SELECT detail FROM work_items"))
-        raws = sorted(row[0] for row in conn.execute("SELECT raw FROM messages"))
+        raws = sorted(row[0] for row in conn.execute("SELECT raw FROM message_bodies"))
     assert "file is empty" in details[0]
     assert "format not recognised" in details[1]
     assert "notes.txt" in details[1]

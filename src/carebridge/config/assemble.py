@@ -44,6 +44,8 @@ from carebridge.config.model import (
     Configuration,
     Department,
     DestinationConfig,
+    ListenerConfig,
+    RetentionPolicy,
     SupplyItem,
 )
 from carebridge.config.schema import (
@@ -58,6 +60,7 @@ from carebridge.config.schema import (
 )
 from carebridge.destinations.registry import validate_settings
 from carebridge.errors import ConfigurationError
+from carebridge.ingest.hl7v2.parser import charset_codec
 
 logger = logging.getLogger(__name__)
 
@@ -85,6 +88,7 @@ def load_configuration(config_dir: Path) -> Configuration:
     accounts = _load_accounts(config_dir / "accounts.csv")
     _check_main_accounts(main_doc, main, accounts)
     destinations = _load_destinations(main_doc, main)
+    listeners = _load_listeners(main_doc, main)
     departments = _load_departments(config_dir / "departments.yaml", accounts)
     range_rows = _load_ranges(config_dir / "revenue_codes.csv")
     ranges = [row.value for row in range_rows]
@@ -137,6 +141,8 @@ def load_configuration(config_dir: Path) -> Configuration:
         version=main.version,
         effective_from=main.effective_from,
         destinations=destinations,
+        retention=_retention(config_dir, main),
+        listeners=listeners,
     )
     logger.info(
         "configuration %s loaded in %.2fs: %d accounts, %d departments, %d chargemaster "
@@ -213,6 +219,55 @@ def _load_destinations(
             DestinationConfig(**values, kinds=tuple(entry.kinds), settings=settings)
         )
     return tuple(configs)
+
+
+def _retention(config_dir: Path, main: MainFile) -> RetentionPolicy:
+    """Build the retention policy; a relative ``archive_dir`` is relative to the folder."""
+    section = main.retention
+    archive = None
+    if section.archive_dir is not None:
+        archive = (config_dir / section.archive_dir).resolve()
+    return RetentionPolicy(
+        content_days=section.content_days,
+        errored_content_days=section.errored_content_days,
+        archive_dir=archive,
+    )
+
+
+def _load_listeners(doc: YamlDocument, main: MainFile) -> tuple[ListenerConfig, ...]:
+    """Check each ``listeners:`` entry: unique name and address, known charset."""
+    configs: list[ListenerConfig] = []
+    names: dict[str, int] = {}
+    addresses: dict[tuple[str, int], int] = {}
+    for index, entry in enumerate(main.listeners):
+        if entry.name in names:
+            used = f"name already used by listeners.{names[entry.name]}"
+            _listener_error(doc, (index, "name"), used)
+        names[entry.name] = index
+        address = (entry.host, entry.port)
+        if entry.port and entry.enabled and address in addresses:
+            _listener_error(doc, (index, "port"), f"port already used by listeners.{addresses[address]}")
+        addresses[address] = index
+        try:
+            charset_codec(entry.default_charset)
+        except ValueError as exc:
+            _listener_error(doc, (index, "default_charset"), str(exc))
+        values = entry.model_dump()
+        for key in ("tls_cert", "tls_key"):
+            if values[key] is not None:
+                values[key] = str((doc.path.parent / values[key]).resolve())
+        for key in ("message_types", "versions", "processing_ids"):
+            values[key] = tuple(values[key])
+        configs.append(ListenerConfig(**values))
+    return tuple(configs)
+
+
+def _listener_error(doc: YamlDocument, location: tuple, message: str) -> NoReturn:
+    path = ("listeners", *location)
+    raise ConfigurationError(
+        message, path=str(doc.path), line=doc.line_of(path),
+        field=".".join(str(step) for step in path),
+    )
 
 
 def _destination_error(

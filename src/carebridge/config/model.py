@@ -10,6 +10,7 @@ import datetime as dt
 from dataclasses import dataclass, field
 from decimal import Decimal
 from enum import StrEnum
+from pathlib import Path
 from typing import Any
 
 
@@ -129,6 +130,58 @@ class DestinationConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class RetentionPolicy:
+    """How long raw message bytes are kept (see :mod:`carebridge.engine.retention`).
+
+    Bytes of ordinary messages are pruned after ``content_days``; those of
+    failed messages and of messages with an open work item after
+    ``errored_content_days``. Pruned bytes go to ``archive_dir`` first.
+    """
+
+    content_days: int = 90
+    errored_content_days: int = 365
+    archive_dir: Path | None = None
+
+
+DEFAULT_LISTENER_MESSAGE_TYPES = (
+    "ADT^*", "BAR^P01", "BAR^P02", "BAR^P12", "DFT^P03", "DFT^P11", "ORU^R01",
+)
+"""Message types an MLLP listener accepts unless configured: the finance
+types carebridge maps, every ADT trigger and ORU^R01 results."""
+
+DEFAULT_LISTENER_VERSIONS = (
+    "2.1", "2.2", "2.3", "2.3.1", "2.4", "2.5", "2.5.1", "2.6", "2.7", "2.7.1",
+    "2.8", "2.8.1", "2.8.2",
+)
+"""HL7 v2 versions (MSH-12.1) an MLLP listener accepts unless configured."""
+
+
+@dataclass(frozen=True, slots=True)
+class ListenerConfig:
+    """An MLLP listener that receives HL7 v2 messages over TCP.
+
+    ``message_types`` entries are ``CODE^TRIGGER`` or ``CODE^*``; a message
+    of another type is rejected with ``AR``, as is a version or processing id
+    (MSH-11.1) not listed. ``default_charset`` applies when MSH-18 is empty
+    (an HL7 table 0211 name or a Python codec). ``tls_cert`` and ``tls_key``
+    are absolute paths, both or neither.
+    """
+
+    name: str
+    port: int
+    host: str = "127.0.0.1"
+    enabled: bool = True
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    default_charset: str = "UNICODE UTF-8"
+    max_frame_bytes: int = 4 * 1024 * 1024
+    idle_timeout_seconds: float = 600.0
+    message_types: tuple[str, ...] = DEFAULT_LISTENER_MESSAGE_TYPES
+    versions: tuple[str, ...] = DEFAULT_LISTENER_VERSIONS
+    processing_ids: tuple[str, ...] = ("P",)
+
+
+@dataclass(frozen=True, slots=True)
 class Configuration:
     """Everything the workflows need from master data and rules."""
 
@@ -149,3 +202,5 @@ class Configuration:
     version: str = ""
     effective_from: dt.date | None = None
     destinations: tuple[DestinationConfig, ...] = field(default=())
+    listeners: tuple[ListenerConfig, ...] = field(default=())
+    retention: RetentionPolicy = field(default_factory=RetentionPolicy)

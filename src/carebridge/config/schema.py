@@ -7,13 +7,18 @@ department names must be in the chart) are in :mod:`carebridge.config.assemble`.
 from __future__ import annotations
 
 import datetime as dt
+import re
 from decimal import Decimal
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 from carebridge.config.chargemaster import FORMATS
-from carebridge.config.model import AccountType
+from carebridge.config.model import (
+    DEFAULT_LISTENER_MESSAGE_TYPES,
+    DEFAULT_LISTENER_VERSIONS,
+    AccountType,
+)
 from carebridge.model.codes import code_system_from
 
 # Beancount account roots, by account type (beancount's default option names).
@@ -110,6 +115,70 @@ class DestinationEntry(_Strict):
         return value
 
 
+class RetentionSection(_Strict):
+    """``retention:`` in carebridge.yaml: how long raw message bytes are kept.
+
+    Metadata rows are kept regardless; these bound the bytes only.
+    ``archive_dir`` is relative to carebridge.yaml.
+    """
+
+    content_days: int = Field(default=90, ge=1)
+    errored_content_days: int = Field(default=365, ge=1)
+    archive_dir: str | None = Field(default=None, min_length=1)
+
+    @field_validator("errored_content_days")
+    @classmethod
+    def _errored_not_shorter(cls, value: int, info: ValidationInfo) -> int:
+        content = info.data.get("content_days")
+        if content is not None and value < content:
+            raise ValueError(f"is shorter than content_days ({content})")
+        return value
+
+
+class ListenerEntry(_Strict):
+    """One entry of ``listeners:`` in carebridge.yaml: an MLLP listener.
+
+    TLS paths are relative to carebridge.yaml. The character set is checked
+    when the configuration is assembled.
+    """
+
+    name: str = Field(min_length=1, max_length=60, pattern=r"^[a-z0-9][a-z0-9_-]*$")
+    enabled: bool = True
+    host: str = Field(default="127.0.0.1", min_length=1)
+    port: int = Field(ge=0, le=65535)
+    tls_cert: str | None = None
+    tls_key: str | None = Field(default=None, validate_default=True)
+    default_charset: str = Field(default="UNICODE UTF-8", min_length=1)
+    max_frame_bytes: int = Field(default=4 * 1024 * 1024, ge=1024, le=1024**3)
+    idle_timeout_seconds: float = Field(default=600.0, gt=0)
+    message_types: list[str] = Field(
+        default_factory=lambda: list(DEFAULT_LISTENER_MESSAGE_TYPES), min_length=1
+    )
+    versions: list[str] = Field(
+        default_factory=lambda: list(DEFAULT_LISTENER_VERSIONS), min_length=1
+    )
+    processing_ids: list[Literal["P", "T", "D"]] = Field(
+        default_factory=lambda: ["P"], min_length=1
+    )
+
+    @field_validator("message_types")
+    @classmethod
+    def _message_type_shape(cls, value: list[str]) -> list[str]:
+        for entry in value:
+            if not re.fullmatch(r"[A-Z0-9]{3}\^([A-Z0-9]{3}|\*)", entry):
+                raise ValueError(
+                    f"{entry!r} is not CODE^TRIGGER or CODE^* (e.g. DFT^P03, ADT^*)"
+                )
+        return value
+
+    @field_validator("tls_key")
+    @classmethod
+    def _tls_pair(cls, value: str | None, info: ValidationInfo) -> str | None:
+        if (value is None) != (info.data.get("tls_cert") is None):
+            raise ValueError("give tls_cert and tls_key together, or neither")
+        return value
+
+
 class MainFile(_Strict):
     """carebridge.yaml."""
 
@@ -120,6 +189,8 @@ class MainFile(_Strict):
     chargemaster: ChargemasterRef
     rules: RulesSection
     destinations: list[DestinationEntry] = Field(default_factory=list)
+    listeners: list[ListenerEntry] = Field(default_factory=list)
+    retention: RetentionSection = Field(default_factory=RetentionSection)
 
 
 class DepartmentEntry(_Strict):

@@ -20,6 +20,7 @@ from sqlalchemy import Connection, Engine, bindparam, insert, select
 
 from carebridge.engine.lanes import lane_of
 from carebridge.ingest.files.sources import RawInput
+from carebridge.store.bodies import insert_bodies
 from carebridge.store.schema import message_keys, messages, work_items
 from carebridge.workflows.reasons import Reason, Rejection
 
@@ -214,7 +215,6 @@ def _store_batch(
             "occurrence": item.occurrence,
             "ordering_key": item.ordering_key,
             "lane": lane_of(item.ordering_key),
-            "raw": item.raw,
             "state": decision.state,
             "duplicate_of": decision.duplicate_of,
             "run_id": run_id,
@@ -234,6 +234,7 @@ def _store_batch(
             insert(messages).returning(messages.c.id, sort_by_parameter_order=True), rows
         ).scalars()
     )
+    insert_bodies(conn, ids, now, [item.raw for item in batch])
     _link_in_batch_duplicates(conn, batch, decisions, ids, first_by_key, identical)
     new_keys = [
         {"dedup_key": item.dedup_key, "message_id": ids[position],

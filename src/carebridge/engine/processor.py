@@ -34,6 +34,7 @@ from carebridge.engine.waits import resume_waits, service_to_json
 from carebridge.errors import InputError
 from carebridge.ingest.registry import map_raw
 from carebridge.model import NULL, CanonicalBatch, Encounter, Patient, Service, SupplyUse
+from carebridge.store.bodies import raw_column, with_bodies
 from carebridge.store.schema import (
     charge_lines,
     encounters,
@@ -573,7 +574,8 @@ def claim_batch(conn: Connection, batch_size: int) -> list[Row]:
     batch takes messages of every lane.
     """
     query = (
-        select(messages.c.id, messages.c.format, messages.c.raw, messages.c.occurrence)
+        select(messages.c.id, messages.c.format, raw_column(), messages.c.occurrence)
+        .select_from(with_bodies())
         .where(messages.c.state == RECEIVED)
         .order_by(messages.c.id)
         .limit(batch_size)

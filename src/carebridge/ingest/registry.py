@@ -16,10 +16,17 @@ from carebridge.model import CanonicalBatch
 Mapper = Callable[[bytes, int, int], CanonicalBatch]
 
 
-def _map_hl7v2(raw: bytes, message_id: int, _occurrence: int) -> CanonicalBatch:
+HL7V2_CHARSET_FORMAT = "hl7v2;charset="
+"""Format of an HL7 v2 message whose channel default charset is not UTF-8
+(an MLLP listener configured so); the codec name follows the prefix."""
+
+
+def _map_hl7v2(
+    raw: bytes, message_id: int, _occurrence: int, *, default_charset: str = "utf-8"
+) -> CanonicalBatch:
     # Files carry no charset negotiation; UTF-8 is the channel default and a
     # superset of the ASCII that HL7 v2 assumes when MSH-18 is empty.
-    message = parse_message(raw, default_charset="utf-8")
+    message = parse_message(raw, default_charset=default_charset)
     batch = map_message(message, message_id)
     batch.warnings[:0] = list(message.warnings)
     return batch
@@ -63,6 +70,9 @@ def map_raw(fmt: str, raw: bytes, message_id: int, occurrence: int = 1) -> Canon
         ParseError: the message cannot be read or has no mapper.
     """
     mapper = MAPPERS.get(fmt)
+    if mapper is None and fmt.startswith(HL7V2_CHARSET_FORMAT):
+        charset = fmt.removeprefix(HL7V2_CHARSET_FORMAT)
+        return _map_hl7v2(raw, message_id, occurrence, default_charset=charset)
     if mapper is None:
         raise ParseError(f"no mapper for message format {fmt!r}")
     return mapper(raw, message_id, occurrence)

@@ -556,3 +556,85 @@ def _field_escape_problems(
         for comp in rep.split(delimiters.component):
             for leaf in comp.split(delimiters.subcomponent):
                 yield from unescape_with_warnings(leaf, delimiters, charset=charset)[1]
+
+
+class Hl7Header:
+    """The header of a message whose whole payload passed the cheap checks.
+
+    :func:`read_header` builds it. It holds the MSH fields as sent (escape
+    sequences not decoded), which is what routing and acknowledgement need,
+    without the cost of splitting every segment into fields.
+    """
+
+    __slots__ = ("charset", "delimiters", "fields", "warnings")
+
+    def __init__(
+        self,
+        fields: list[str],
+        delimiters: Delimiters,
+        charset: str,
+        warnings: list[str],
+    ) -> None:
+        self.fields = fields
+        self.delimiters = delimiters
+        self.charset = charset
+        self.warnings = tuple(warnings)
+
+    def field(self, number: int, component: int = 1) -> str:
+        """Return component ``component`` of MSH-``number`` as sent, or ``""``."""
+        # fields[0] is "MSH" and fields[1] MSH-2, so MSH-n is fields[n - 1].
+        if number < 2 or number - 1 >= len(self.fields):
+            return ""
+        value = self.fields[number - 1]
+        if number == 2:
+            return value
+        first = value.split(self.delimiters.repetition, 1)[0]
+        parts = first.split(self.delimiters.component)
+        return parts[component - 1].strip() if component <= len(parts) else ""
+
+
+def read_header(payload: bytes, *, default_charset: str = "ascii") -> Hl7Header:
+    """Run the checks of :func:`parse_message` that need no field splitting.
+
+    The character set is chosen and the whole payload decoded strictly,
+    segments are split, MSH-1, MSH-2, MSH-9 and MSH-10 are checked and a
+    segment hidden behind a stray LF is detected, so that an MLLP receiver
+    can decide its acknowledgement at a fraction of a full parse's cost.
+
+    Args:
+        payload: One message, without MLLP framing.
+        default_charset: As for :func:`parse_message`.
+
+    Returns:
+        The header fields, delimiters, codec name and warnings.
+
+    Raises:
+        ParseError: As :func:`parse_message` would for the same problems.
+    """
+    warnings: list[str] = []
+    bom = payload.startswith(BOM)
+    body = payload[len(BOM) :] if bom else payload
+    charset = _choose_charset(body, bom, default_charset, warnings)
+    text = _decode(body, charset, len(BOM) if bom else 0)
+    segments = _split_segments(text, warnings)
+    delimiters = _check_header(segments)
+    _check_embedded_segments(segments, delimiters)
+    header = Hl7Header(segments[0].split(delimiters.field), delimiters, charset, warnings)
+    if not header.field(9):
+        raise ParseError("MSH-9 message type is missing", location="MSH^1^9")
+    if not header.field(10):
+        raise ParseError("MSH-10 message control ID is missing", location="MSH^1^10")
+    return header
+
+
+def charset_codec(name: str) -> str:
+    """Return the Python codec of an HL7 table 0211 name or a codec name.
+
+    Raises:
+        ValueError: ``name`` is neither.
+    """
+    codec = _CHARSETS.get(name.strip().upper(), name.strip())
+    try:
+        return codecs.lookup(codec).name
+    except LookupError as exc:
+        raise ValueError(f"unknown character set {name!r}") from exc
