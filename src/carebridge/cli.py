@@ -19,6 +19,7 @@ from carebridge.engine.intake import IntakeResult, store_inputs
 from carebridge.engine.job import JobOptions, run_job
 from carebridge.engine.worker import Worker, WorkerOptions, WorkerStats
 from carebridge.ingest.files.sources import discover, split_path
+from carebridge.ingest.hl7v2.mllp import ListenerThread
 from carebridge.errors import CarebridgeError
 from carebridge.logs import configure as configure_logging
 from carebridge.store.db import (
@@ -296,7 +297,7 @@ def _worker_options(function: Any) -> Any:
 
 
 def _start_worker(db_url: str, config_dir: Path | None, options: WorkerOptions,
-                  until_idle: bool) -> WorkerStats:
+                  until_idle: bool, *, listen: bool = False) -> WorkerStats:
     try:
         config = load_configuration(config_dir or bundled("demo", "config"))
         engine = open_engine(db_url)
@@ -304,7 +305,17 @@ def _start_worker(db_url: str, config_dir: Path | None, options: WorkerOptions,
         _fail(str(exc), exc.exit_code, False)
     worker = Worker(engine, config, options)
     worker.install_signal_handlers()
-    return worker.run(until_idle=until_idle)
+    listeners = None
+    if listen and config.listeners:
+        # Raises if a port cannot be bound, before any message is accepted.
+        listeners = ListenerThread(engine, config.listeners)
+        listeners.start()
+    try:
+        return worker.run(until_idle=until_idle)
+    finally:
+        if listeners is not None:
+            # Stops accepting, then commits and acknowledges what is queued.
+            listeners.stop()
 
 
 @main.command(short_help="Run workers only, against a shared database.")
@@ -339,15 +350,18 @@ def worker(db_url: str, until_idle: bool, batch_size: int, no_deliver: bool,
 @_worker_options
 def serve(db_url: str | None, inbox: Path, batch_size: int, no_deliver: bool,
           config_dir: Path | None) -> None:
-    """Run everything in one process: inbox intake, processing, posting, delivery.
+    """Run everything in one process: MLLP listeners, inbox, processing, delivery.
 
-    Drop HL7 v2, FHIR JSON or Synthea CSV files into the inbox. A file moves
-    to INBOX/done/ only after its messages are committed to the database.
+    The MLLP listeners configured in carebridge.yaml (``listeners:``) answer
+    AA only after a message is committed. Drop HL7 v2, FHIR JSON or Synthea
+    CSV files into the inbox; a file moves to INBOX/done/ only after its
+    messages are committed to the database.
     SIGTERM or Ctrl-C stops the service after the batch in hand.
     """
     inbox.mkdir(parents=True, exist_ok=True)
     options = WorkerOptions(batch_size=batch_size, deliver=not no_deliver, inbox=inbox)
-    _start_worker(db_url or sqlite_url(DEFAULT_DATABASE), config_dir, options, False)
+    _start_worker(db_url or sqlite_url(DEFAULT_DATABASE), config_dir, options, False,
+                  listen=True)
 
 
 @main.group()

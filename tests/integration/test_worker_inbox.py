@@ -137,3 +137,54 @@ def test_demo_data_through_worker(engine: Engine, config: Configuration) -> None
         ).scalar_one()
     assert pending == 0
     assert unposted == 0
+
+
+def test_serve_acknowledges_and_posts_over_mllp(tmp_path: Path) -> None:
+    import shutil
+    import socket
+
+    import yaml
+
+    from .mllp_helpers import exchange
+
+    config_dir = tmp_path / "config"
+    shutil.copytree(DEMO / "config", config_dir)
+    settings_path = config_dir / "carebridge.yaml"
+    settings = yaml.safe_load(settings_path.read_text())
+    relative = settings["chargemaster"]["path"]
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    text = settings_path.read_text().replace(relative, str((DEMO / "config" / relative).resolve()))
+    text += f"\nlisteners:\n  - name: billing\n    host: 127.0.0.1\n    port: {port}\n"
+    settings_path.write_text(text)
+    database = tmp_path / "serve.db"
+    process = subprocess.Popen(
+        [sys.executable, "-m", "carebridge.cli", "serve", "--config", str(config_dir),
+         "--inbox", str(tmp_path / "inbox"), "--db", f"sqlite:///{database}"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        reply = None
+        while time.monotonic() < deadline and reply is None:
+            try:
+                reply = exchange(port, DFT)
+            except OSError:
+                time.sleep(0.2)
+        assert reply is not None, "the listener did not start"
+        assert reply.value("MSA-1") == "AA"
+        assert reply.value("MSA-2") == "CTL0900"
+        import sqlite3
+
+        charged = 0
+        while time.monotonic() < deadline and not charged:
+            with sqlite3.connect(database) as conn:
+                charged = conn.execute("SELECT count(*) FROM charge_lines").fetchone()[0]
+            time.sleep(0.2)
+        assert charged == 1
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=60) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()

@@ -128,7 +128,7 @@ def run_job(
             runs.update().where(runs.c.id == run_id).values(finished_at=dt.datetime.now(dt.UTC))
         )
     with engine.connect() as conn:
-        summary = summarize(conn, run_id, posting_batch=posting.batch)
+        summary = summarize(conn, run_id, posting_batches=posting.batches)
     summary["messages_by_format"] = dict(sorted(intake.by_format.items()))
     summary["files_skipped"] = [
         {"path": path, "reason": reason} for path, reason in intake.skipped_files
@@ -164,7 +164,9 @@ def _sum(conn: Connection, column, *where) -> Decimal:
     return sum(values, Decimal(0))
 
 
-def summarize(conn: Connection, run_id: int, *, posting_batch: int | None) -> dict[str, Any]:
+def summarize(
+    conn: Connection, run_id: int, *, posting_batches: tuple[int, ...]
+) -> dict[str, Any]:
     """Count what run ``run_id`` read, and what it created from what it processed.
 
     A run also processes messages an earlier, stopped run stored, so service,
@@ -212,7 +214,7 @@ def summarize(conn: Connection, run_id: int, *, posting_batch: int | None) -> di
             .group_by(messages.c.state)
         ).all()
     )
-    journal_where = journals.c.posting_batch == (posting_batch or -1)
+    journal_where = journals.c.posting_batch.in_(posting_batches or (-1,))
     journal_rows = conn.execute(
         select(journals.c.total_debit, journals.c.total_credit).where(journal_where)
     ).all()

@@ -35,16 +35,49 @@ class PostingResult:
     batch: int | None
     journals: int
     lines: int
+    batches: tuple[int, ...] = ()
 
 
-def post_journals(engine: Engine, config: Configuration) -> PostingResult:
-    """Journal every unjournaled charge line and supply issue in one batch."""
+def post_journals(
+    engine: Engine, config: Configuration, *, slice_size: int = 5000
+) -> PostingResult:
+    """Journal every unjournaled charge line and supply issue.
+
+    Records are posted in slices of at most ``slice_size`` charge lines and
+    as many supply issues, one posting batch and transaction per slice, so
+    memory stays flat however large the backlog is.
+    """
+    batches: list[int] = []
+    journal_count = line_count = 0
+    while True:
+        result = _post_slice(engine, config, slice_size)
+        if result.batch is None:
+            break
+        batches.append(result.batch)
+        journal_count += result.journals
+        line_count += result.lines
+    return PostingResult(
+        batch=batches[-1] if batches else None,
+        journals=journal_count,
+        lines=line_count,
+        batches=tuple(batches),
+    )
+
+
+def _post_slice(engine: Engine, config: Configuration, limit: int) -> PostingResult:
+    """Journal up to ``limit`` charge lines and ``limit`` supply issues in one batch."""
     with engine.begin() as conn:
         charges = conn.execute(
-            select(charge_lines).where(charge_lines.c.journal_id.is_(None))
+            select(charge_lines)
+            .where(charge_lines.c.journal_id.is_(None))
+            .order_by(charge_lines.c.id)
+            .limit(limit)
         ).mappings().all()
         issues = conn.execute(
-            select(supply_issues).where(supply_issues.c.journal_id.is_(None))
+            select(supply_issues)
+            .where(supply_issues.c.journal_id.is_(None))
+            .order_by(supply_issues.c.id)
+            .limit(limit)
         ).mappings().all()
         postings = [charge_posting(dict(row), config.receivable_account) for row in charges]
         postings += [supply_posting(dict(row)) for row in issues]

@@ -125,7 +125,7 @@ class Worker:
                 if until_idle:
                     break
                 self._stopping.wait(self.options.idle_seconds)
-        self._post(idle=True)
+        self._post(idle=True, wait=True)
         log.info("worker stopped", extra={"action": "worker_done",
                                           "worker": self.options.owner,
                                           "processed": self.stats.processed,
@@ -154,12 +154,14 @@ class Worker:
             busy = busy or result.claimed > 0
         return busy or posted
 
-    def _post(self, *, idle: bool) -> bool:
+    def _post(self, *, idle: bool, wait: bool = False) -> bool:
         """Post journals when due.
 
         A worker that processed messages posts as soon as it is idle; every
         worker also posts every few seconds, which picks up records that a
-        worker which died before posting left behind.
+        worker which died before posting left behind. With ``wait`` (the
+        final post before the worker exits) it waits for another poster to
+        finish instead of skipping, so nothing it processed stays unposted.
         """
         now = time.monotonic()
         due = now - self._last_post >= self.options.post_every_seconds
@@ -170,9 +172,15 @@ class Worker:
             with self.engine.connect() as conn:
                 if conn.dialect.name == "postgresql":
                     # One poster at a time; the others skip instead of waiting.
-                    locked = conn.execute(
-                        text("SELECT pg_try_advisory_lock(:key)"), {"key": _PG_POSTING_LOCK}
-                    ).scalar()
+                    if wait:
+                        conn.execute(text("SELECT pg_advisory_lock(:key)"),
+                                     {"key": _PG_POSTING_LOCK})
+                        locked = True
+                    else:
+                        locked = conn.execute(
+                            text("SELECT pg_try_advisory_lock(:key)"),
+                            {"key": _PG_POSTING_LOCK},
+                        ).scalar()
                     conn.commit()
                     if not locked:
                         return False
