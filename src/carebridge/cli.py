@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import logging
 import sys
@@ -17,6 +18,7 @@ from carebridge.config.chargemaster import FORMATS as CHARGEMASTER_FORMATS
 from carebridge.engine.deliveries import delivery_summary, replay
 from carebridge.engine.intake import IntakeResult, store_inputs
 from carebridge.engine.job import JobOptions, run_job
+from carebridge.engine.retention import prune as prune_content
 from carebridge.engine.worker import Worker, WorkerOptions, WorkerStats
 from carebridge.ingest.files.sources import discover, split_path
 from carebridge.ingest.hl7v2.mllp import ListenerThread
@@ -362,6 +364,53 @@ def serve(db_url: str | None, inbox: Path, batch_size: int, no_deliver: bool,
     options = WorkerOptions(batch_size=batch_size, deliver=not no_deliver, inbox=inbox)
     _start_worker(db_url or sqlite_url(DEFAULT_DATABASE), config_dir, options, False,
                   listen=True)
+
+
+@main.command(short_help="Archive, then prune message content past its retention.")
+@verbose_option
+@click.option("--db", "db_url", required=True, help="SQLAlchemy URL of the database.")
+@click.option("--archive", "archive_dir", type=click.Path(file_okay=False, path_type=Path),
+              default=None,
+              help="Folder for the gzipped JSON Lines archive written and verified "
+              "before pruning. Default: retention.archive_dir in carebridge.yaml.")
+@click.option("--before", type=click.DateTime(formats=["%Y-%m-%d"]), default=None,
+              help="Prune nothing received in or after this date's month (YYYY-MM-DD).")
+@click.option("--dry-run", is_flag=True, help="Count what would be pruned; change nothing.")
+@click.option("--vacuum", is_flag=True,
+              help="SQLite: rewrite the file once so freed space goes back to the disk.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as one JSON object.")
+@config_option
+def prune(db_url: str, archive_dir: Path | None, before: dt.datetime | None, dry_run: bool,
+          vacuum: bool, as_json: bool, config_dir: Path | None) -> None:
+    """Archive and prune raw message content older than the retention policy.
+
+    Content of processed messages goes after retention.content_days; failed
+    messages and those with an open work item keep theirs for
+    retention.errored_content_days; messages not yet processed are never
+    pruned. Message metadata and lineage stay. On PostgreSQL a month's
+    content is one partition, dropped at once.
+    """
+    try:
+        config = load_configuration(config_dir or bundled("demo", "config"))
+        result = prune_content(
+            open_engine(db_url), config, now=dt.datetime.now(dt.UTC),
+            archive_dir=archive_dir, dry_run=dry_run,
+            before=before.date() if before else None, vacuum=vacuum,
+        )
+    except CarebridgeError as exc:
+        _fail(str(exc), exc.exit_code, as_json)
+    report = {
+        "dry_run": result.dry_run, "pruned": result.pruned,
+        "pruned_bytes": result.pruned_bytes, "retained": result.retained,
+        "months": result.months, "partitions_dropped": result.partitions_dropped,
+        "archives": [str(path) for path in result.archives], "space": result.space,
+        "size_before": result.size_before, "size_after": result.size_after,
+    }
+    if as_json:
+        click.echo(json.dumps(report, indent=2))
+    else:
+        for key, value in report.items():
+            click.echo(f"{key:<20}{value}")
 
 
 @main.group()

@@ -115,3 +115,17 @@ def test_chargemaster_report_names_bad_rows() -> None:
     assert report["items"] == 12
     assert report["bad_rows"] == 7
     assert any(":6: column 'standard_charge|gross'" in error for error in report["errors"])
+
+
+def test_prune_needs_an_archive(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'db.sqlite'}"
+    refused = carebridge("prune", "--db", url)
+    assert refused.returncode == 2
+    assert "archive" in refused.stderr
+
+    planned = carebridge("prune", "--db", url, "--archive", str(tmp_path / "archive"),
+                         "--dry-run", "--json")
+    assert planned.returncode == 0, planned.stderr
+    report = json.loads(planned.stdout)
+    assert report["dry_run"] is True
+    assert report["pruned"] == 0
