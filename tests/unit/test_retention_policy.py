@@ -35,8 +35,12 @@ def config_copy(tmp_path: Path) -> Path:
 
 
 def _add_retention(config_dir: Path, body: str) -> Path:
+    """Replace the file's ``retention:`` section (the last one) with ``body``."""
     path = config_dir / "carebridge.yaml"
-    path.write_text(path.read_text() + "\nretention:\n" + body)
+    text = path.read_text()
+    if "\nretention:\n" in text:
+        text = text[: text.index("\nretention:\n")]
+    path.write_text(text + "\nretention:\n" + body)
     return path
 
 
@@ -47,8 +51,15 @@ def _line_of(path: Path, needle: str) -> int:
     raise AssertionError(needle)
 
 
-def test_config_without_retention_gets_the_defaults(demo: Configuration) -> None:
+def test_demo_retention_policy(demo: Configuration) -> None:
     assert demo.retention == RetentionPolicy(90, 365, None)
+
+
+def test_config_without_retention_gets_the_defaults(config_copy: Path) -> None:
+    path = config_copy / "carebridge.yaml"
+    text = path.read_text()
+    path.write_text(text[: text.index("\nretention:\n")] + "\n")
+    assert load_configuration(config_copy).retention == RetentionPolicy(90, 365, None)
 
 
 def test_retention_section_is_read(config_copy: Path) -> None:

@@ -1,7 +1,9 @@
 """Parked workflow steps: charges waiting for their encounter.
 
-Interfaces deliver events out of order: a DFT can arrive minutes before the
-ADT that registers its visit. Rather than raising a work item at once, charge
+Interfaces deliver events out of order: a procedure can arrive before the
+encounter it references (a FHIR Procedure whose Encounter comes later, a
+CSV export read before the encounters file). An HL7 DFT does not wait,
+because its own PV1 registers the visit. Rather than raising a work item at once, charge
 capture parks the service in ``waits`` with a deadline. :func:`resume_waits`
 wakes the ones whose encounter now exists and prices them, and turns the
 ones past their deadline into ``encounter_not_found`` work items. Waiting
