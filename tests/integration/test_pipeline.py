@@ -304,3 +304,25 @@ def test_wait_expires_into_work_item(
     assert "hours" in item.detail
     assert outcome == "work_item"
     assert count(engine, charge_lines) == 0
+
+
+def test_posted_charge_enqueued_for_billing(
+    engine: Engine, config: Configuration, tmp_path: Path
+) -> None:
+    import dataclasses
+
+    from carebridge.config.model import DestinationConfig
+    from carebridge.store.schema import deliveries
+
+    billing = DestinationConfig(
+        name="billing", type="http", kinds=("charge_line",),
+        settings={"url": "http://127.0.0.1:9/charges", "timeout_seconds": 1},
+    )
+    with_billing = dataclasses.replace(config, destinations=(billing,))
+    ingest(engine, with_billing, write(tmp_path, "x.hl7", MESSAGE_X))
+    assert count(engine, deliveries) == 0  # promised only once journaled
+    post_journals(engine, with_billing)
+    post_journals(engine, with_billing)
+    with engine.connect() as conn:
+        rows = conn.execute(select(deliveries.c.kind, deliveries.c.destination)).all()
+    assert [tuple(row) for row in rows] == [("charge_line", "billing")]

@@ -73,7 +73,7 @@ class RulesSection(_Strict):
     encounter_wait_hours: int = Field(default=24, ge=0)
 
 
-DELIVERY_KINDS = ("journal",)
+DELIVERY_KINDS = ("journal", "charge_line")
 """Record kinds the engine enqueues for delivery."""
 
 

@@ -101,6 +101,7 @@ def _register_builtins() -> None:
     if _BUILTINS_LOADED:
         return
     from carebridge.destinations import http
+    from carebridge.destinations import mllp  # noqa: F401 - registers itself
 
     register(DestinationType("http", http.HttpSettings, http.HttpDestination.build))
     _BUILTINS_LOADED = True

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from sqlalchemy import Connection, Engine, func, insert, select
 
 from carebridge.config.model import Configuration
+from carebridge.destinations.dft import enqueue_charge_lines
 from carebridge.engine.deliveries import enqueue_journals
 from carebridge.errors import StoreError
 from carebridge.store.schema import charge_lines, journal_lines, journals, supply_issues
@@ -130,6 +131,9 @@ def _post_slice(engine: Engine, config: Configuration, limit: int) -> PostingRes
         # The outbox rows commit with the journals, so every journal is
         # promised to each destination exactly when it exists.
         enqueue_journals(conn, config, journal_ids, now=now)
+        # Billing systems get each charge line once it is journaled, in the
+        # same transaction, so a charge is never billed without its journal.
+        enqueue_charge_lines(conn, config, [row["id"] for row in charges], now=now)
     log.info(
         "journals posted",
         extra={"action": "journals_posted", "batch": batch, "journals": len(drafts),

@@ -1,10 +1,10 @@
 """Store messages received over MLLP in groups, then decide each one's ACK.
 
 Frames from every connection go into one queue. A storer task takes what is
-queued, stores it with :func:`carebridge.engine.intake.store_inputs` in one
-transaction per group (in a thread, so the event loop keeps reading), reads
-back what intake decided for each message, and only then resolves each
-message's future with its ACK. ``AA`` therefore always follows a commit.
+queued and stores it with :func:`carebridge.engine.intake.store_inputs` in
+one transaction per group, in a thread so that the event loop keeps reading.
+Intake returns a receipt for each message, and only then is each message's
+future resolved with its ACK. ``AA`` therefore always follows a commit.
 
 ACK policy (HL7 v2.5 chapter 2, 2.9.2 original mode, 2.9.3 enhanced mode):
 
@@ -29,17 +29,16 @@ import asyncio
 import codecs
 import datetime as dt
 import itertools
-import json
 import logging
 import os
 import time
 from collections import deque
 from dataclasses import dataclass
 
-from sqlalchemy import Engine, select
+from sqlalchemy import Engine
 
 from carebridge.config.model import ListenerConfig
-from carebridge.engine.intake import DUPLICATE, FAILED, store_inputs
+from carebridge.engine.intake import DUPLICATE, FAILED, Receipt, store_inputs
 from carebridge.errors import ParseError
 from carebridge.ingest.files.sources import (
     HL7V2,
@@ -52,7 +51,6 @@ from carebridge.ingest.files.sources import (
 from carebridge.ingest.hl7v2.ack import AA, AE, AR, AckError, MshEcho, build_ack
 from carebridge.ingest.hl7v2.parser import charset_codec, read_header
 from carebridge.ingest.registry import HL7V2_CHARSET_FORMAT
-from carebridge.store.schema import messages
 from carebridge.workflows.reasons import Reason
 
 log = logging.getLogger(__name__)
@@ -145,21 +143,6 @@ def assess(payload: bytes, echo: MshEcho, policy: ListenerPolicy) -> tuple[Verdi
     return Verdict(AA), fmt
 
 
-@dataclass(frozen=True, slots=True)
-class Receipt:
-    """What intake did with one message, read back after the commit.
-
-    ``ack_id`` and ``ack_time`` belong to the message whose ACK this one
-    repeats: the message itself, or the original of a duplicate.
-    """
-
-    message_id: int
-    state: str
-    ack_id: int
-    ack_time: dt.datetime
-    control_id_reused: bool
-
-
 @dataclass(slots=True)
 class _Pending:
     """One stored-to-be message waiting for its group's commit."""
@@ -250,7 +233,7 @@ class GroupCommitter:
             stopper.cancel()
 
     def _store(self, group: list[_Pending]) -> list[Receipt | None]:
-        """Store ``group`` and read back each message's receipt (a thread).
+        """Store ``group`` and return each message's receipt (runs in a thread).
 
         A failed commit is retried one message per transaction, so that one
         message the database refuses does not fail the others; a message
@@ -276,68 +259,28 @@ class GroupCommitter:
 def store_group(engine: Engine, group: list[_Pending]) -> list[Receipt]:
     """Store one group, one transaction per source, and return its receipts.
 
+    Intake hands back each message's receipt from the transaction that
+    stored it, so nothing is read back after the commit.
+
     Raises:
         Exception: Whatever the database raised; nothing was acknowledged.
     """
-    by_source: dict[str, list[RawInput]] = {}
-    for item in group:
-        by_source.setdefault(item.source, []).append(item.raw)
-    for source, inputs in by_source.items():
-        store_inputs(engine, inputs, source=source, batch_size=len(inputs))
-    found = read_receipts(engine, [item.raw for item in group])
-    missing = [item.raw.origin for item in group if item.raw.origin not in found]
-    if missing:
-        raise LookupError(f"{len(missing)} stored message(s) not found again")
-    return [found[item.raw.origin] for item in group]
+    by_source: dict[str, list[int]] = {}
+    for position, item in enumerate(group):
+        by_source.setdefault(item.source, []).append(position)
+    receipts: list[Receipt | None] = [None] * len(group)
+    for source, positions in by_source.items():
+        found: list[Receipt] = []
+        store_inputs(engine, [group[p].raw for p in positions], source=source,
+                     batch_size=len(positions), receipts=found)
+        if len(found) != len(positions):
+            raise LookupError(f"{len(positions) - len(found)} stored message(s) without receipt")
+        for position, receipt in zip(positions, found, strict=True):
+            receipts[position] = receipt
+    return receipts  # type: ignore[return-value]  # every slot was filled above
 
 
-def read_receipts(engine: Engine, inputs: list[RawInput]) -> dict[str, Receipt]:
-    """Return the receipt of each stored input, by origin.
-
-    The dedup key index narrows the search; the origin, unique per received
-    frame, picks the row.
-    """
-    original = messages.alias("original")
-    columns = (
-        messages.c.origin, messages.c.id, messages.c.state, messages.c.summary,
-        messages.c.received_at, messages.c.duplicate_of,
-        original.c.received_at.label("original_at"),
-        original.c.summary.label("original_summary"),
-    )
-    receipts: dict[str, Receipt] = {}
-    with engine.connect() as conn:
-        for start in range(0, len(inputs), 400):
-            chunk = inputs[start : start + 400]
-            rows = conn.execute(
-                select(*columns)
-                .select_from(messages.outerjoin(original, original.c.id == messages.c.duplicate_of))
-                .where(
-                    messages.c.dedup_key.in_({item.dedup_key for item in chunk}),
-                    messages.c.origin.in_([item.origin for item in chunk]),
-                )
-            )
-            for row in rows:
-                receipts[row.origin] = _receipt(row)
-    return receipts
-
-
-def _receipt(row) -> Receipt:
-    if row.state == DUPLICATE and row.duplicate_of is not None:
-        return Receipt(row.id, row.state, row.duplicate_of, row.original_at,
-                       _reused(row.original_summary))
-    reused = row.state == FAILED and _reused(row.summary)
-    return Receipt(row.id, row.state, row.id, row.received_at, reused)
-
-
-def _reused(summary: str | None) -> bool:
-    if not summary:
-        return False
-    try:
-        return json.loads(summary).get("reason") == Reason.CONTROL_ID_REUSED.value
-    except (ValueError, AttributeError):
-        return False
-
-
+_REUSED_REASON = Reason.CONTROL_ID_REUSED.value
 _REUSED = AckError(
     205, "MSH^1^10",
     "this control id was already used for a message with different content; "
@@ -358,9 +301,13 @@ def _resolve(item: _Pending, receipt: Receipt | None) -> None:
         _log_nak_item(item, None, code, errors)
         return
     code, errors = item.verdict.code, item.verdict.errors
-    if receipt.control_id_reused:
+    # A duplicate repeats its first copy's answer: that copy's id, arrival
+    # time and, if it reused a control id, the 205 error.
+    if receipt.reason == _REUSED_REASON and receipt.state in (FAILED, DUPLICATE):
         code, errors = AE, (*errors, _REUSED)
-    item.future.set_result(_ack(item.echo, code, errors, receipt.ack_id, receipt.ack_time))
+    ack_id = receipt.duplicate_of if receipt.state == DUPLICATE else receipt.message_id
+    item.future.set_result(
+        _ack(item.echo, code, errors, ack_id or receipt.message_id, receipt.received_at))
     if code != AA:
         _log_nak_item(item, receipt.message_id, code, errors)
 
