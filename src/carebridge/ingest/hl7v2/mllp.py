@@ -14,9 +14,9 @@ Run one listener on its own (tests, benchmarks)::
 ``carebridge serve`` starts the listeners of carebridge.yaml through
 :class:`ListenerThread`.
 
-NOTE: on a 2-core machine with SQLite this reaches about 2,000 durable
-messages/s, below the 5,000 target: intake costs about 120 µs of CPU per
-message and shares the GIL with the event loop (see benchmarks/mllp.py).
+NOTE: on a shared 2-core machine with SQLite, benchmarks/mllp.py measured
+5,600 to 5,800 durable messages/s (50 connections), close to the 5,000
+target. The event loop now costs more CPU per message than intake does.
 """
 
 from __future__ import annotations
