@@ -507,6 +507,27 @@ def _upsert(conn: Connection, table, key_column, staged: dict[str, dict[str, Any
         conn.execute(statement, rows)
 
 
+def _stored_columns(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Return ``rows`` without their staging keys (``_``), linked to their work item."""
+    return [
+        {key: value for key, value in row.items() if not key.startswith("_")}
+        | {"work_item_id": row["_work_item"]["_id"] if row["_work_item"] else None}
+        for row in rows
+    ]
+
+
+def _insert_children(conn: Connection, table, parents: list[dict[str, Any]],
+                     parent_ids: list[int], staged_key: str, link_column: str) -> None:
+    """Insert the child row each parent staged under ``staged_key``, linked by id."""
+    children = [
+        {**parent[staged_key], link_column: parent_id}
+        for parent, parent_id in zip(parents, parent_ids, strict=True)
+        if parent[staged_key]
+    ]
+    if children:
+        conn.execute(insert(table), children)
+
+
 def _flush(state: BatchState, run_id: int | None) -> None:
     """Write everything the batch decided, a few statements per table."""
     conn, writes = state.conn, state.writes
@@ -519,40 +540,11 @@ def _flush(state: BatchState, run_id: int | None) -> None:
     for row, item_id in zip(writes.work_items, item_ids, strict=True):
         row["_id"] = item_id
 
-    service_rows = [
-        {key: value for key, value in row.items() if not key.startswith("_")}
-        | {"work_item_id": row["_work_item"]["_id"] if row["_work_item"] else None}
-        for row in writes.services
-    ]
-    service_ids = _insert_returning_ids(conn, services, service_rows)
-    charges = [
-        {**row["_charge"], "service_id": service_id}
-        for row, service_id in zip(writes.services, service_ids, strict=True)
-        if row["_charge"]
-    ]
-    if charges:
-        conn.execute(insert(charge_lines), charges)
-    parked = [
-        {**row["_wait"], "service_id": service_id}
-        for row, service_id in zip(writes.services, service_ids, strict=True)
-        if row["_wait"]
-    ]
-    if parked:
-        conn.execute(insert(waits), parked)
-
-    usage_rows = [
-        {key: value for key, value in row.items() if not key.startswith("_")}
-        | {"work_item_id": row["_work_item"]["_id"] if row["_work_item"] else None}
-        for row in writes.usages
-    ]
-    usage_ids = _insert_returning_ids(conn, supply_usages, usage_rows)
-    issues = [
-        {**row["_issue"], "usage_id": usage_id}
-        for row, usage_id in zip(writes.usages, usage_ids, strict=True)
-        if row["_issue"]
-    ]
-    if issues:
-        conn.execute(insert(supply_issues), issues)
+    service_ids = _insert_returning_ids(conn, services, _stored_columns(writes.services))
+    _insert_children(conn, charge_lines, writes.services, service_ids, "_charge", "service_id")
+    _insert_children(conn, waits, writes.services, service_ids, "_wait", "service_id")
+    usage_ids = _insert_returning_ids(conn, supply_usages, _stored_columns(writes.usages))
+    _insert_children(conn, supply_issues, writes.usages, usage_ids, "_issue", "usage_id")
 
     now = dt.datetime.now(dt.UTC)
     conn.execute(
