@@ -11,7 +11,9 @@ from pathlib import Path
 from typing import Any
 
 import click
-from sqlalchemy.exc import OperationalError
+from sqlalchemy import Engine
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import NoSuchModuleError, OperationalError, SQLAlchemyError
 
 from carebridge.config import load_chargemaster, load_configuration
 from carebridge.config.chargemaster import FORMATS as CHARGEMASTER_FORMATS
@@ -169,7 +171,50 @@ def verbose_option(function: Any) -> Any:
     )(function)
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class CarebridgeGroup(click.Group):
+    """The command group; turns database and file-system failures into one line.
+
+    Without this, a refused connection or a mistyped URL would print a
+    traceback. The message names the problem; SQLAlchemy is told to leave
+    bound parameters out of it, so no message content appears.
+    """
+
+    def invoke(self, ctx: click.Context) -> Any:
+        """Run the command, reporting database and OS errors as ``error:`` lines."""
+        try:
+            return super().invoke(ctx)
+        except (SQLAlchemyError, NoSuchModuleError) as exc:
+            detail = getattr(exc, "orig", None) or exc
+            log.error("database error", extra={"action": "db_error",
+                                               "error_type": type(detail).__name__})
+            click.echo(f"error: database error: {str(detail).strip().splitlines()[0]}; "
+                       "check the --db URL and that the database is running", err=True)
+            sys.exit(4)
+        except ModuleNotFoundError as exc:
+            click.echo(f"error: database driver {exc.name} is not installed; carebridge "
+                       "supports SQLite (sqlite:///FILE) and PostgreSQL "
+                       "(postgresql+psycopg://...)", err=True)
+            sys.exit(4)
+        except OSError as exc:
+            click.echo(f"error: {exc}", err=True)
+            sys.exit(1)
+
+
+def existing_engine(db_url: str) -> Engine:
+    """Open a database that must already exist (for maintenance commands).
+
+    A mistyped SQLite path would otherwise create an empty database and
+    report that there is nothing to do.
+    """
+    parsed = make_url(db_url)
+    if parsed.get_backend_name() == "sqlite" and parsed.database not in (None, "", ":memory:"):
+        if not Path(parsed.database).is_file():
+            click.echo(f"error: database file {parsed.database} not found", err=True)
+            sys.exit(2)
+    return open_engine(db_url)
+
+
+@click.group(cls=CarebridgeGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="carebridge")
 @click.option("-v", "--verbose", count=True, help=VERBOSE_HELP)
 @click.pass_context
@@ -393,7 +438,7 @@ def prune(db_url: str, archive_dir: Path | None, before: dt.datetime | None, dry
     try:
         config = load_configuration(config_dir or bundled("demo", "config"))
         result = prune_content(
-            open_engine(db_url), config, now=dt.datetime.now(dt.UTC),
+            existing_engine(db_url), config, now=dt.datetime.now(dt.UTC),
             archive_dir=archive_dir, dry_run=dry_run,
             before=before.date() if before else None, vacuum=vacuum,
         )
@@ -430,7 +475,7 @@ def db_upgrade(db_url: str) -> None:
 @click.option("--db", "db_url", required=True, help="SQLAlchemy URL of the database.")
 def db_current(db_url: str) -> None:
     """Print the database's schema revision and the newest one."""
-    revision = current_revision(open_engine(db_url, create=False))
+    revision = current_revision(existing_engine(db_url))
     click.echo(f"database at revision {revision or '(none)'}; newest is {head_revision()}")
 
 
@@ -443,7 +488,7 @@ def deliveries() -> None:
 @click.option("--db", "db_url", required=True, help="SQLAlchemy URL of the database.")
 def deliveries_list(db_url: str) -> None:
     """Print delivery counts by destination and state."""
-    with open_engine(db_url).connect() as conn:
+    with existing_engine(db_url).connect() as conn:
         click.echo(json.dumps(delivery_summary(conn), indent=2, sort_keys=True))
 
 
@@ -458,10 +503,13 @@ def deliveries_replay(db_url: str, delivery_ids: tuple[int, ...], destination: s
     """Queue dead deliveries again; each replay records the one it copies."""
     if not (delivery_ids or destination or all_dead):
         raise click.UsageError("give --id, --destination or --all")
-    with open_engine(db_url).begin() as conn:
+    with existing_engine(db_url).begin() as conn:
         new_ids = replay(conn, delivery_ids=list(delivery_ids) or None,
                          destination=destination, all_dead=all_dead)
     click.echo(f"{len(new_ids)} deliveries queued again")
+    if not new_ids and (delivery_ids or destination):
+        click.echo("error: no dead delivery matches the ids or destination given", err=True)
+        sys.exit(1)
 
 
 @main.command(short_help="Check a chargemaster file and list its bad rows.")

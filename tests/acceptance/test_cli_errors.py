@@ -119,6 +119,10 @@ def test_chargemaster_report_names_bad_rows() -> None:
 
 def test_prune_needs_an_archive(tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path / 'db.sqlite'}"
+    missing = carebridge("prune", "--db", url, "--archive", str(tmp_path / "archive"))
+    assert missing.returncode == 2
+    assert "not found" in missing.stderr
+    assert carebridge("db", "upgrade", "--db", url).returncode == 0
     refused = carebridge("prune", "--db", url)
     assert refused.returncode == 2
     assert "archive" in refused.stderr
@@ -129,3 +133,13 @@ def test_prune_needs_an_archive(tmp_path: Path) -> None:
     report = json.loads(planned.stdout)
     assert report["dry_run"] is True
     assert report["pruned"] == 0
+
+
+def test_database_errors_are_one_line(tmp_path: Path) -> None:
+    for url in ("postgresql+psycopg://nobody@127.0.0.1:1/none", "not a url",
+                f"sqlite:///{tmp_path / 'missing-dir' / 'x.db'}-never"):
+        result = carebridge("deliveries", "list", "--db", url)
+        assert result.returncode in (2, 4), (url, result.stderr)
+        assert "error:" in result.stderr
+        assert "Traceback" not in result.stderr
+    assert not (tmp_path / "missing-dir").exists()

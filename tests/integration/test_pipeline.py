@@ -18,6 +18,7 @@ from carebridge.engine.waits import resume_waits
 from carebridge.ingest.files.sources import split_path
 from carebridge.store.schema import (
     charge_lines,
+    encounters,
     journal_lines,
     journals,
     messages,
@@ -237,7 +238,11 @@ def test_batch_sees_earlier_messages(
         "PID|1||MRN0500^^^SENDFAC^MR||TESTPATIENT^OMEGA",
         "PV1|1|O|CLINIC1||||||||||||||||VIS0500",
     )
-    charge = MESSAGE_X.replace(b"VIS0011", b"VIS0500").replace(b"TXN0011", b"TXN0500")
+    charge = (
+        MESSAGE_X.replace(b"VIS0011", b"VIS0500")
+        .replace(b"TXN0011", b"TXN0500")
+        .replace(b"MRN0011", b"MRN0500")
+    )
     ingest(engine, config, write(tmp_path, "a.hl7", adt), write(tmp_path, "b.hl7", charge))
     assert count(engine, charge_lines, charge_lines.c.encounter_id == "VIS0500") == 1
 
@@ -326,3 +331,27 @@ def test_posted_charge_enqueued_for_billing(
     with engine.connect() as conn:
         rows = conn.execute(select(deliveries.c.kind, deliveries.c.destination)).all()
     assert [tuple(row) for row in rows] == [("charge_line", "billing")]
+
+
+def test_visit_number_reused_for_other_patient(
+    engine: Engine, config: Configuration, tmp_path: Path
+) -> None:
+    first = hl7(
+        "MSH|^~\\&|ADTSYS|HOSPA|FINAPP|RCVFAC|20240501110000||ADT^A01|CTL0800|P|2.5",
+        "PID|1||MRNA1^^^HOSPA^MR||TESTPATIENT^ALPHA",
+        "PV1|1|I|PREOP||||||||||||||||V900",
+    )
+    second = hl7(
+        "MSH|^~\\&|ADTSYS|HOSPB|FINAPP|RCVFAC|20240501120000||ADT^A01|CTL0801|P|2.5",
+        "PID|1||MRNB1^^^HOSPB^MR||TESTPATIENT^BETA",
+        "PV1|1|I|ICU||||||||||||||||V900",
+    )
+    ingest(engine, config, write(tmp_path, "a.hl7", first), write(tmp_path, "b.hl7", second))
+    with engine.connect() as conn:
+        encounter = conn.execute(
+            select(encounters.c.patient_id, encounters.c.department)
+            .where(encounters.c.encounter_id == "V900")
+        ).one()
+        items = conn.execute(select(work_items.c.reason, work_items.c.team)).all()
+    assert tuple(encounter) == ("MRNA1", "PREOP")
+    assert [tuple(item) for item in items] == [("encounter_patient_conflict", "integration")]

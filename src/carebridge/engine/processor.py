@@ -65,6 +65,16 @@ ENCOUNTER_FIELDS = ("patient_id", "encounter_class", "start", "end", "code",
                     "code_system", "department", "guarantor")
 
 
+class EncounterConflict(InputError):
+    """A message assigns an existing encounter to a different patient.
+
+    Visit numbers are not unique across senders everywhere, so rewriting the
+    encounter would move its charges to the wrong patient; a person decides.
+    """
+
+    reason = Reason.ENCOUNTER_PATIENT_CONFLICT
+
+
 @dataclass(slots=True)
 class ProcessResult:
     """Counts of one processing pass."""
@@ -165,6 +175,7 @@ class BatchState:
         self.capture = capture
         self.known_patients: set[str] = set()
         self.encounter_classes: dict[str, str] = {}
+        self.encounter_patients: dict[str, str] = {}
         self.service_prints: dict[str, str] = {}
         self.usage_prints: dict[str, str] = {}
         self.writes = Writes()
@@ -186,12 +197,15 @@ class BatchState:
             self.known_patients.update(rows.scalars())
         for chunk in _chunks(encounter_ids):
             rows = self.conn.execute(
-                select(encounters.c.encounter_id, encounters.c.encounter_class).where(
-                    encounters.c.encounter_id.in_(chunk)
-                )
+                select(
+                    encounters.c.encounter_id,
+                    encounters.c.encounter_class,
+                    encounters.c.patient_id,
+                ).where(encounters.c.encounter_id.in_(chunk))
             )
             for row in rows:
                 self.encounter_classes[row.encounter_id] = row.encounter_class or ""
+                self.encounter_patients[row.encounter_id] = row.patient_id
         self._prefetch_prints(services, services.c.service_key, service_keys, self.service_prints)
         self._prefetch_prints(
             supply_usages, supply_usages.c.usage_key, usage_keys, self.usage_prints
@@ -239,6 +253,7 @@ class MessageApplier:
                 {"_source": patient.source_message_id, **_patient_values(patient)}
             )
         for encounter in batch.encounters:
+            self._check_patient(encounter)
             self.writes.encounters.setdefault(encounter.encounter_id, {}).update(
                 {"_source": encounter.source_message_id, **_encounter_values(encounter)}
             )
@@ -246,6 +261,21 @@ class MessageApplier:
             self.capture_service(service, origin="clinical")
         for use in batch.supplies:
             self.issue(use)
+
+    def _check_patient(self, encounter: Encounter) -> None:
+        """Raise if ``encounter`` is known under another patient."""
+        known = None
+        for staged in (self.writes.encounters, self.state.writes.encounters):
+            if encounter.encounter_id in staged:
+                known = staged[encounter.encounter_id].get("patient_id")
+                break
+        known = known or self.state.encounter_patients.get(encounter.encounter_id)
+        if known is not None and known != encounter.patient_id:
+            raise EncounterConflict(
+                f"encounter {encounter.encounter_id} belongs to patient {known}, but "
+                f"this message assigns it to patient {encounter.patient_id}; check the "
+                "sender's visit numbers (PV1-19) or merge the patients, then replay"
+            )
 
     def encounter_class(self, encounter_id: str | None) -> str | None:
         """Return the class of a known encounter ('' if unset), or ``None``."""
@@ -403,7 +433,10 @@ class MessageApplier:
 
 def _failed_message(message_id: int, exc: Exception) -> Writes:
     """Return the writes that fail a message and open its work item."""
-    rejection = Rejection(Reason.MALFORMED_INPUT, str(exc) or type(exc).__name__)
+    reason = getattr(exc, "reason", None)
+    if not isinstance(reason, Reason):
+        reason = Reason.MALFORMED_INPUT
+    rejection = Rejection(reason, str(exc) or type(exc).__name__)
     writes = Writes()
     writes.work_items.append(
         {
@@ -455,6 +488,14 @@ def _apply_one(state: BatchState, message_id: int, batch: CanonicalBatch,
     try:
         applier.apply(batch)
         applier.finish(batch)
+    except InputError as exc:
+        log.warning(
+            "message rejected",
+            extra={"action": "message_failed", "message_id": message_id,
+                   "error_type": type(exc).__name__},
+        )
+        state.writes.merge(_failed_message(message_id, exc))
+        return False
     except Exception as exc:  # noqa: BLE001 - same reason as in _map_one
         log.error(
             "message processing raised",

@@ -71,7 +71,9 @@ def open_engine(url: str, *, create: bool = True) -> Engine:
             revision (see :func:`upgrade_engine`).
     """
     parsed = make_url(url)
-    engine = create_engine(url)
+    # hide_parameters keeps bound values (patient identifiers among them) out
+    # of the text of every database error, and so out of logs and stderr.
+    engine = create_engine(url, hide_parameters=True)
     if parsed.get_backend_name() == "sqlite":
         event.listen(engine, "connect", _configure_sqlite)
         event.listen(engine, "begin", _begin_immediate)

@@ -28,6 +28,7 @@ class Reason(StrEnum):
     AMOUNT_TOO_HIGH = "amount_too_high"
     UNITS_NOT_WHOLE = "units_not_whole"
     SERVICE_KEY_CONFLICT = "service_key_conflict"
+    ENCOUNTER_PATIENT_CONFLICT = "encounter_patient_conflict"
     CURRENCY_MISMATCH = "currency_mismatch"
     UNKNOWN_ITEM = "unknown_item"
     LOT_OR_SERIAL_MISSING = "lot_or_serial_missing"
@@ -58,6 +59,7 @@ TEAM_BY_REASON: dict[Reason, Team] = {
     Reason.AMOUNT_TOO_HIGH: Team.REVENUE_CYCLE,
     Reason.UNITS_NOT_WHOLE: Team.REVENUE_CYCLE,
     Reason.SERVICE_KEY_CONFLICT: Team.INTEGRATION,
+    Reason.ENCOUNTER_PATIENT_CONFLICT: Team.INTEGRATION,
     Reason.CURRENCY_MISMATCH: Team.REVENUE_CYCLE,
     Reason.UNKNOWN_ITEM: Team.SUPPLY_CHAIN,
     Reason.LOT_OR_SERIAL_MISSING: Team.SUPPLY_CHAIN,

@@ -70,6 +70,19 @@ class RawInput:
     def __post_init__(self) -> None:
         if not self.dedup_digest:
             object.__setattr__(self, "dedup_digest", self.content_sha256)
+        # Keys come from message content, so a sender can make them any
+        # length; past the column's size they are replaced by their hash,
+        # which keeps them distinct and stable for deduplication.
+        object.__setattr__(self, "dedup_key", bounded(self.dedup_key, 300))
+        object.__setattr__(self, "ordering_key", bounded(self.ordering_key, 200))
+        object.__setattr__(self, "origin", self.origin[-500:])
+
+
+def bounded(value: str | None, limit: int) -> str | None:
+    """Return ``value``, or ``sha256:`` and its hash when longer than ``limit``."""
+    if value is None or len(value) <= limit:
+        return value
+    return "sha256:" + hashlib.sha256(value.encode("utf-8")).hexdigest()
 
 
 def sha256(data: bytes) -> str:
