@@ -151,3 +151,23 @@ def test_archive_with_altered_bytes_rejected(tmp_path: Path) -> None:
     path.write_bytes(gzip.compress(text.replace(good, good[:-4] + "AAAA").encode()))
     with pytest.raises(retention.ArchiveError, match="line 1"):
         list(retention.read_archive(path))
+
+
+def test_unwritable_archive_leaves_no_partial(tmp_path: Path, monkeypatch) -> None:
+    import builtins
+
+    real_open = builtins.open
+
+    def failing_open(file, mode="r", *args, **kwargs):
+        if str(file).endswith(".partial") and "w" in mode:
+            handle = real_open(file, mode, *args, **kwargs)
+            handle.close()
+            raise OSError(28, "No space left on device")
+        return real_open(file, mode, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "open", failing_open)
+    records = [{"message_id": 1, "sha256": "0" * 64, "raw": ""}]
+    with pytest.raises(retention.ArchiveError) as caught:
+        retention._write_archive(tmp_path, dt.datetime(2024, 1, 1, tzinfo=dt.UTC), records)
+    assert "No space left" in str(caught.value)
+    assert list(tmp_path.iterdir()) == []

@@ -205,12 +205,24 @@ def _write_archive(
         f"message-bodies-{month.year:04d}-{month.month:02d}.part{number:04d}.jsonl.gz"
     )
     partial = final.with_name(final.name + ".partial")
-    with open(partial, "wb") as raw_handle:
-        with gzip.GzipFile(fileobj=raw_handle, mode="wb") as handle:
-            for record in records:
-                handle.write(json.dumps(record, sort_keys=True).encode("utf-8") + b"\n")
-        raw_handle.flush()
-        os.fsync(raw_handle.fileno())
+    try:
+        with open(partial, "wb") as raw_handle:
+            with gzip.GzipFile(fileobj=raw_handle, mode="wb") as handle:
+                for record in records:
+                    handle.write(json.dumps(record, sort_keys=True).encode("utf-8") + b"\n")
+            raw_handle.flush()
+            os.fsync(raw_handle.fileno())
+    except OSError as exc:
+        # A full or read-only archive disk: remove the half-written part so
+        # the folder holds only complete, verified archives.
+        partial.unlink(missing_ok=True)
+        log.error("archive write failed", extra={"action": "archive_failed",
+                                                  "file": partial.name,
+                                                  "error_type": type(exc).__name__})
+        raise ArchiveError(
+            f"cannot write archive {partial.name} in {archive_dir}: {exc.strerror}; "
+            "nothing was pruned, free space or fix permissions and run again"
+        ) from exc
     expected = {record["message_id"]: record["sha256"] for record in records}
     try:
         found = {record["message_id"]: record["sha256"] for record in read_archive(partial)}
