@@ -355,3 +355,36 @@ def test_visit_number_reused_for_other_patient(
         items = conn.execute(select(work_items.c.reason, work_items.c.team)).all()
     assert tuple(encounter) == ("MRNA1", "PREOP")
     assert [tuple(item) for item in items] == [("encounter_patient_conflict", "integration")]
+
+
+def test_concurrent_posting_numbers_batches_apart(
+    engine: Engine, config: Configuration, tmp_path: Path
+) -> None:
+    import threading
+
+    from carebridge.store.schema import charge_lines as lines_table
+
+    for number in range(40):
+        message = (
+            MESSAGE_X.replace(b"CTL0011", f"CTL2{number:03d}".encode())
+            .replace(b"TXN0011", f"TXN2{number:03d}".encode())
+        )
+        store_inputs(engine, split_path(write(tmp_path, f"m{number}.hl7", message)),
+                     source="test")
+    process_pending(engine, config, as_of=AS_OF)
+    errors: list[BaseException] = []
+
+    def post() -> None:
+        try:
+            post_journals(engine, config, slice_size=3)
+        except BaseException as exc:  # noqa: BLE001 - collected for the assert
+            errors.append(exc)
+
+    threads = [threading.Thread(target=post) for _ in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == []
+    assert count(engine, lines_table, lines_table.c.journal_id.is_(None)) == 0
+    assert count(engine, journal_lines) == 2 * count(engine, lines_table)

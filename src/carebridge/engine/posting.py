@@ -12,7 +12,7 @@ import logging
 from collections import defaultdict
 from dataclasses import dataclass
 
-from sqlalchemy import Connection, Engine, func, insert, select
+from sqlalchemy import Connection, Engine, func, insert, select, text
 
 from carebridge.config.model import Configuration
 from carebridge.destinations.dft import enqueue_charge_lines
@@ -27,6 +27,10 @@ from carebridge.workflows.journals import (
 )
 
 log = logging.getLogger(__name__)
+
+# Any constant works; it only has to be the same in every carebridge process
+# and differ from the worker's posting lock.
+_SLICE_LOCK = 0x736C6963
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,6 +72,12 @@ def post_journals(
 def _post_slice(engine: Engine, config: Configuration, limit: int) -> PostingResult:
     """Journal up to ``limit`` charge lines and ``limit`` supply issues in one batch."""
     with engine.begin() as conn:
+        if conn.dialect.name == "postgresql":
+            # Posting batches are numbered max + 1, so two processes posting
+            # at once (an ingest and a worker) would pick the same number.
+            # The lock ends with the transaction; SQLite's BEGIN IMMEDIATE
+            # already serialises writers.
+            conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _SLICE_LOCK})
         charges = conn.execute(
             select(charge_lines)
             .where(charge_lines.c.journal_id.is_(None))
