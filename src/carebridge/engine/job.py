@@ -1,8 +1,9 @@
 """The main job: ingest files, process them, post journals, write outputs.
 
-Each run gets a row in ``runs``; its summary counts only what that run read
-and created, so a second run over the same input shows every message as a
-duplicate and posts nothing.
+Each run gets a row in ``runs``. Its summary counts the messages that run
+read and what it created from the messages it processed. A second run over
+the same input therefore shows every message as a duplicate and posts
+nothing.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Charge capture: decide whether a documented service becomes a priced charge.
 
 The checks run in a fixed order and the first that fails names the work
-item's reason, so that the same input always gives the same answer. Pricing
+item's reason, so that the same input always gives the same outcome. Pricing
 follows one rule: a price the source sent (HL7 FT1-11/FT1-12, FHIR
 ChargeItem) is kept as sent after checking it is consistent; otherwise the
 house chargemaster's price times the units, rounded half-up to the cent.
