@@ -175,8 +175,8 @@ class CarebridgeGroup(click.Group):
     """The command group; turns database and file-system failures into one line.
 
     Without this, a refused connection or a mistyped URL would print a
-    traceback. The message names the problem; SQLAlchemy is told to leave
-    bound parameters out of it, so no message content appears.
+    traceback. The message names the problem. SQLAlchemy is configured to
+    leave bound parameters out of it, so no message content appears.
     """
 
     def invoke(self, ctx: click.Context) -> Any:
@@ -399,7 +399,7 @@ def serve(db_url: str | None, inbox: Path, batch_size: int, no_deliver: bool,
           config_dir: Path | None) -> None:
     """Run everything in one process: MLLP listeners, inbox, processing, delivery.
 
-    The MLLP listeners configured in carebridge.yaml (``listeners:``) answer
+    The MLLP listeners configured in carebridge.yaml (``listeners:``) send
     AA only after a message is committed. Drop HL7 v2, FHIR JSON or Synthea
     CSV files into the inbox; a file moves to INBOX/done/ only after its
     messages are committed to the database.

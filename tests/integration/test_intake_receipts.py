@@ -51,18 +51,22 @@ def test_receipts_match_the_stored_rows(engine: Engine) -> None:
     assert [r.state for r in receipts] == [
         RECEIVED, DUPLICATE, FAILED, DUPLICATE, FAILED, DUPLICATE, FAILED]
     ids = [r.message_id for r in receipts]
-    assert ids == sorted(ids) and ids[0] > earlier[1].message_id
+    assert ids == sorted(ids)
+    assert ids[0] > earlier[1].message_id
     assert receipts[1].duplicate_of == earlier[0].message_id
     assert receipts[1].received_at.replace(tzinfo=None) == (
         earlier[0].received_at.replace(tzinfo=None))
     assert receipts[2].reason == "control_id_reused"
-    assert receipts[3].duplicate_of == ids[0] and receipts[3].reason is None
+    assert receipts[3].duplicate_of == ids[0]
+    assert receipts[3].reason is None
     assert receipts[4].reason == "control_id_reused"
-    assert receipts[5].duplicate_of == ids[4] and receipts[5].reason == "control_id_reused"
+    assert receipts[5].duplicate_of == ids[4]
+    assert receipts[5].reason == "control_id_reused"
     assert receipts[6].reason == "malformed_input"
     # A resend of a message failed for reusing a key repeats that failure.
     assert resent[0].state == DUPLICATE
-    assert resent[0].duplicate_of == ids[2] and resent[0].reason == "control_id_reused"
+    assert resent[0].duplicate_of == ids[2]
+    assert resent[0].reason == "control_id_reused"
 
     with engine.connect() as conn:
         rows = {row.id: row for row in conn.execute(select(messages))}

@@ -51,17 +51,20 @@ def test_br14a_unsupported_type_is_ar_200() -> None:
     assert ack.segments("MSH")[0].raw(9) == "ACK"
     assert [ack.value("MSH-9.1"), ack.value("MSH-9.2"), ack.value("MSH-9.3")] == [
         "ACK", "O11", "ACK"]
-    assert ack.value("MSA-1") == "AR" and ack.value("MSA-2") == "CTL0014A"
+    assert ack.value("MSA-1") == "AR"
+    assert ack.value("MSA-2") == "CTL0014A"
     err = ack.segments("ERR")[0]
     assert "^".join(c or "" for c in err.components(2)) == "MSH^1^9^1^1"
-    assert err.value(3, 1) == "200" and err.value(3, 3) == "HL70357"
+    assert err.value(3, 1) == "200"
+    assert err.value(3, 3) == "HL70357"
     assert err.value(4) == "E"
 
 
 def test_br14b_unsupported_trigger_is_ar_201() -> None:
     verdict, _ = assess(BR14_B, MshEcho(BR14_B), policy())
     ack = ack_of(BR14_B, verdict.code, verdict.errors)
-    assert ack.value("MSA-1") == "AR" and ack.value("MSA-2") == "CTL0014B"
+    assert ack.value("MSA-1") == "AR"
+    assert ack.value("MSA-2") == "CTL0014B"
     err = ack.segments("ERR")[0]
     assert "^".join(c or "" for c in err.components(2)) == "MSH^1^9^1^2"
     assert err.value(3, 1) == "201"
@@ -111,7 +114,8 @@ BR07_NO_CHARSET = BR07.replace(b"|2.5||||||8859/1\r", b"|2.5\r")
 
 def test_br07a_latin1_declared_is_accepted() -> None:
     verdict, fmt = assess(BR07, MshEcho(BR07), policy())
-    assert verdict.code == "AA" and fmt == "hl7v2"
+    assert verdict.code == "AA"
+    assert fmt == "hl7v2"
     message = parse_message(BR07)
     assert message.value("PID-5.2") == "BJÖRN"
     assert message.value("PID-11.1") == "TESTSTRAßE 1"
@@ -122,10 +126,13 @@ def test_br07b_undecodable_bytes_are_ae_naming_the_charset() -> None:
     verdict, _ = assess(BR07_NO_CHARSET, MshEcho(BR07_NO_CHARSET), policy())
     assert verdict.code == "AE"
     error = verdict.errors[0]
-    assert error.location == "MSH^1^18" and error.code == 102
-    assert "character set" in error.text and "offset 142" in error.text
+    assert error.location == "MSH^1^18"
+    assert error.code == 102
+    assert "character set" in error.text
+    assert "offset 142" in error.text
     ack = ack_of(BR07_NO_CHARSET, verdict.code, verdict.errors)
-    assert ack.value("MSA-1") == "AE" and ack.value("MSA-2") == "CTL0007"
+    assert ack.value("MSA-1") == "AE"
+    assert ack.value("MSA-2") == "CTL0007"
     assert "\ufffd" not in ack.value("ERR-8")
 
 
@@ -140,7 +147,8 @@ def test_enhanced_mode_codes_and_accept_ack_type() -> None:
     payload = BR14_A.replace(b"|P|2.5", b"|P|2.5|||AL|NE")
     ack = ack_of(payload, "AR", (AckError(200, "MSH^1^9^1^1", "x"),))
     assert ack.value("MSA-1") == "CR"
-    assert MshEcho(payload).enhanced and MshEcho(payload).accept_ack_type == "AL"
+    assert MshEcho(payload).enhanced
+    assert MshEcho(payload).accept_ack_type == "AL"
     assert not MshEcho(BR14_A).enhanced
 
 
@@ -162,7 +170,8 @@ def test_garbage_payload_still_gets_an_ack() -> None:
     assert verdict.code == "AE"
     raw = build_ack(MshEcho(b"hello"), code="AE", control_id="CB1", timestamp=WHEN,
                     errors=verdict.errors)
-    assert raw.startswith(b"MSH|^~\\&|") and b"\rMSA|AE|\r" in raw
+    assert raw.startswith(b"MSH|^~\\&|")
+    assert b"\rMSA|AE|\r" in raw
 
 
 def test_default_message_types_cover_the_finance_types() -> None:
@@ -204,7 +213,8 @@ def test_listener_config_defaults_and_tls_paths(tmp_path: Path) -> None:
     ])
     plain, tls = load_configuration(folder).listeners
     assert plain == ListenerConfig(name="adt", port=2575)
-    assert tls.tls_cert == str(folder / "c.pem") and tls.message_types == ("DFT^P03",)
+    assert tls.tls_cert == str(folder / "c.pem")
+    assert tls.message_types == ("DFT^P03",)
 
 
 @pytest.mark.parametrize(

@@ -66,7 +66,8 @@ def test_br09_every_split_point_of_a_short_message() -> None:
         second = decoder.feed(data[k:])
         assert first == [], k
         assert second == [message], k
-        assert decoder.partial_bytes == 0 and decoder.stray_bytes == 0
+        assert decoder.partial_bytes == 0
+        assert decoder.stray_bytes == 0
 
 
 def test_br09_unterminated_frame_yields_nothing() -> None:
@@ -89,7 +90,8 @@ def test_br10_three_frames_two_reads_filler_skipped() -> None:
     read2 = BR10_C[20:] + b"\x1c\r"
     decoder = FrameDecoder(max_frame_bytes=4096)
     assert decoder.feed(read1) == [BR10_A, BR10_B]
-    assert decoder.filler_bytes == 4 and decoder.stray_bytes == 0
+    assert decoder.filler_bytes == 4
+    assert decoder.stray_bytes == 0
     assert decoder.feed(read2) == [BR10_C]
 
 

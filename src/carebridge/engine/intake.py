@@ -96,7 +96,7 @@ class Receipt:
         duplicate_of: For a duplicate, the id of the first copy.
         reason: The reason the input was failed with (``Reason`` value). For
             a duplicate, the reason its first copy was failed with, so that a
-            resend gets the answer the first copy got. ``None`` otherwise.
+            resend gets the acknowledgement the first copy got. ``None`` otherwise.
         received_at: The arrival time of the input, or of its first copy.
     """
 

@@ -2,7 +2,7 @@
 
 :class:`MessageApplier` turns one message's canonical records into staged
 rows (patients, encounters, services with their charge, wait or work item,
-supply usages with their issue) and :class:`BatchState` holds what the batch
+supply usages with their issue) and :class:`BatchState` contains what the batch
 prefetched from the database and what its earlier messages staged, so that
 each message sees the ones before it. Nothing here writes to the database.
 """
@@ -66,7 +66,7 @@ def fingerprint(*parts: object) -> str:
 
 
 def service_fingerprint(service: Service) -> str:
-    """Return the fingerprint of what ``service`` says, not where it came from."""
+    """Return the fingerprint of the content of ``service``, not of its origin."""
     return fingerprint(
         service.code_system, service.code, service.quantity, service.service_date,
         service.amount, service.unit_price, service.transaction_type.value,
@@ -75,7 +75,7 @@ def service_fingerprint(service: Service) -> str:
 
 
 def usage_fingerprint(use: SupplyUse) -> str:
-    """Return the fingerprint of what a supply usage says.
+    """Return the fingerprint of the content of a supply usage.
 
     The encounter is left out because FHIR R4 SupplyDelivery has no element
     for it, so the same usage arrives with and without one.
@@ -142,7 +142,7 @@ class Writes:
 
 
 class BatchState:
-    """What a batch knows: rows prefetched from the database plus its own writes."""
+    """Lookup state of a batch: rows prefetched from the database plus its own writes."""
 
     def __init__(self, conn: Connection, config: Configuration, capture: ChargeCapture):
         self.conn = conn
@@ -279,6 +279,23 @@ class MessageApplier:
         self.writes.work_items.append(row)
         return row
 
+    def _mark_repeat(
+        self, row: dict[str, Any], earlier: str, counter: str, subject: str, detail: str
+    ) -> None:
+        """Stage a key received before: a duplicate, or a conflict when it differs.
+
+        ``earlier`` is the first copy's fingerprint; a different one means the
+        sender reused the key for other content, which a person must resolve.
+        """
+        row["outcome"] = DUPLICATE
+        self._count(counter)
+        if earlier != row["fingerprint"]:
+            row["outcome"] = WORK_ITEM
+            row["_work_item"] = self._work_item(
+                f"{subject}#conflict:{self.message_id}",
+                Rejection(Reason.SERVICE_KEY_CONFLICT, detail),
+            )
+
     def capture_service(self, service: Service, *, origin: str) -> None:
         """Stage ``service`` as a charge line, a work item or a duplicate."""
         print_ = service_fingerprint(service)
@@ -301,19 +318,12 @@ class MessageApplier:
         self.writes.services.append(row)
         earlier = self._seen(service.service_key, self.service_prints, self.state.service_prints)
         if earlier is not None:
-            row["outcome"] = DUPLICATE
-            self._count(f"{origin}_{DUPLICATE}")
-            if earlier != print_:
-                row["outcome"] = WORK_ITEM
-                row["_work_item"] = self._work_item(
-                    f"service:{service.service_key}#conflict:{self.message_id}",
-                    Rejection(
-                        Reason.SERVICE_KEY_CONFLICT,
-                        f"service {service.service_key} was received before with "
-                        "different content (code, units, date or price); decide "
-                        "which is right and post a correction",
-                    ),
-                )
+            self._mark_repeat(
+                row, earlier, f"{origin}_{DUPLICATE}", f"service:{service.service_key}",
+                f"service {service.service_key} was received before with different "
+                "content (code, units, date or price); decide which is right and "
+                "post a correction",
+            )
             return
         self.service_prints[service.service_key] = print_
         encounter_found = self.encounter_class(service.encounter_id) is not None
@@ -363,18 +373,11 @@ class MessageApplier:
         self.writes.usages.append(row)
         earlier = self._seen(use.usage_key, self.usage_prints, self.state.usage_prints)
         if earlier is not None:
-            row["outcome"] = DUPLICATE
-            self._count(f"supply_{DUPLICATE}")
-            if earlier != print_:
-                row["outcome"] = WORK_ITEM
-                row["_work_item"] = self._work_item(
-                    f"supply:{use.usage_key}#conflict:{self.message_id}",
-                    Rejection(
-                        Reason.SERVICE_KEY_CONFLICT,
-                        f"supply usage {use.usage_key} was received before with "
-                        "different content; decide which is right",
-                    ),
-                )
+            self._mark_repeat(
+                row, earlier, f"supply_{DUPLICATE}", f"supply:{use.usage_key}",
+                f"supply usage {use.usage_key} was received before with different "
+                "content; decide which is right",
+            )
             return
         self.usage_prints[use.usage_key] = print_
         result = issue_supply(use, self.encounter_class(use.encounter_id), self.state.config)

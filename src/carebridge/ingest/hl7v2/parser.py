@@ -561,7 +561,7 @@ def _field_escape_problems(
 class Hl7Header:
     """The header of a message whose whole payload passed the cheap checks.
 
-    :func:`read_header` builds it. It holds the MSH fields as sent (escape
+    :func:`read_header` builds it. It contains the MSH fields as sent (escape
     sequences not decoded), which is what routing and acknowledgement need,
     without the cost of splitting every segment into fields.
     """

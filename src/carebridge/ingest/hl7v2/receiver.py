@@ -14,7 +14,7 @@ ACK policy (HL7 v2.5 chapter 2, 2.9.2 original mode, 2.9.3 enhanced mode):
   control id (a corrected resend would then get 205). The log line keeps
   its control id.
 * the payload cannot be decoded or its header is malformed: it is stored,
-  failed with a work item by intake, and answered ``AE``;
+  failed with a work item by intake, and acknowledged with ``AE``;
 * a resend of a stored message: the original ACK again, rebuilt from the
   original message's id, arrival time and outcome;
 * the same control id with different content: ``AE`` with ERR-3 205
@@ -61,7 +61,10 @@ _ASCII = codecs.lookup("ascii").name
 
 
 class ListenerPolicy:
-    """What one listener accepts, prepared once for fast checks per message."""
+    """Message types, versions and processing ids one listener accepts.
+
+    They are prepared once so that the check of each message is cheap.
+    """
 
     def __init__(self, config: ListenerConfig) -> None:
         self.name = config.name
@@ -104,7 +107,7 @@ class ListenerPolicy:
 
 @dataclass(frozen=True, slots=True)
 class Verdict:
-    """What the checks before storage say about one message.
+    """Verdict of the checks run on one message before storage.
 
     ``code`` is ``AA``, ``AE`` (stored, failed) or ``AR`` (not stored);
     ``problem`` is the text intake records on the work item of an ``AE``.
@@ -301,7 +304,7 @@ def _resolve(item: _Pending, receipt: Receipt | None) -> None:
         _log_nak_item(item, None, code, errors)
         return
     code, errors = item.verdict.code, item.verdict.errors
-    # A duplicate repeats its first copy's answer: that copy's id, arrival
+    # A duplicate repeats its first copy's acknowledgement: that copy's id, arrival
     # time and, if it reused a control id, the 205 error.
     if receipt.reason == _REUSED_REASON and receipt.state in (FAILED, DUPLICATE):
         code, errors = AE, (*errors, _REUSED)
@@ -323,7 +326,7 @@ def _ack(
     message_id: int | None,
     received_at: dt.datetime | None,
 ) -> bytes | None:
-    """Build the ACK, or None when MSH-15 says this one is not wanted."""
+    """Build the ACK, or None when MSH-15 requests no accept acknowledgement for this outcome."""
     if echo.enhanced:
         wanted = echo.accept_ack_type
         if wanted == "NE" or (wanted == "ER" and code == AA) or (wanted == "SU" and code != AA):
