@@ -82,6 +82,7 @@ messages = Table(
     Column("processed_run_id", Integer, nullable=True),
     Column("content_pruned_at", DateTime(timezone=True), nullable=True),
     Column("content_archive", String(300), nullable=True),
+    Column("replay_of", Integer, nullable=True),
     Index("ix_messages_state_id", "state", "id"),
     Index("ix_messages_state_lane_id", "state", "lane", "id"),
     Index("ix_messages_dedup_key", "dedup_key"),
@@ -103,6 +104,9 @@ The bytes themselves are in ``message_bodies`` (or ``retained_bodies``), so
 that retention can drop them and keep this row: ``content_pruned_at`` is set
 when they were pruned and ``content_archive`` names the archive file that
 holds them since (see :mod:`carebridge.engine.retention`).
+
+``replay_of`` links a message stored again by a person (a replay, or a
+corrected copy sent from a work item) to the message it replaces.
 """
 
 message_bodies = Table(
@@ -285,10 +289,105 @@ work_items = Table(
     Column("detail", Text, nullable=False),
     Column("status", String(20), nullable=False),
     Column("created_at", DateTime(timezone=True), nullable=False),
+    Column("assignee", String(120), nullable=True),
+    Column("claimed_at", DateTime(timezone=True), nullable=True),
+    Column("due_at", DateTime(timezone=True), nullable=True),
+    Column("priority", Integer, nullable=False, default=0, server_default="0"),
+    Column("priority_reason", Text, nullable=True),
+    Column("amount_at_risk", DecimalText, nullable=True),
+    Column("resolved_at", DateTime(timezone=True), nullable=True),
+    Column("resolved_by", String(120), nullable=True),
+    Column("resolution", Text, nullable=True),
     UniqueConstraint("subject_key", "reason", name="uq_work_items_subject_reason"),
+    Index("ix_work_items_team_status", "team", "status"),
 )
 """Exceptions for a person. ``subject_key`` names what is stuck: a service,
-a supply usage or a whole message (``message:{id}``)."""
+a supply usage or a whole message (``message:{id}``).
+
+``status`` is ``open`` until a person acts: ``claimed`` (``assignee`` works
+on it), then ``resolved``, ``approved`` or ``rejected``. ``due_at`` is the
+SLA deadline; ``priority`` and ``priority_reason`` rank the queue (money at
+risk, time left). Every change is a row in ``work_item_events``."""
+
+work_item_events = Table(
+    "work_item_events",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("work_item_id", Integer, ForeignKey("work_items.id"), nullable=False),
+    Column("at", DateTime(timezone=True), nullable=False),
+    Column("actor", String(120), nullable=False),
+    Column("action", String(40), nullable=False),
+    Column("detail", Text, nullable=True),
+    Index("ix_work_item_events_item", "work_item_id", "id"),
+)
+"""The history of a work item: claimed, reassigned, resolved, approved."""
+
+api_clients = Table(
+    "api_clients",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("client_id", String(120), nullable=False, unique=True),
+    Column("roles", String(300), nullable=False),
+    Column("secret_hash", String(200), nullable=False),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    Column("disabled_at", DateTime(timezone=True), nullable=True),
+)
+"""Clients of the API. ``roles`` is a comma-separated list; the secret is
+kept only as a salted scrypt hash."""
+
+api_keys = Table(
+    "api_keys",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("client_id", String(120), ForeignKey("api_clients.client_id"), nullable=False),
+    Column("key_id", String(40), nullable=False, unique=True),
+    Column("key_hash", String(200), nullable=False),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    Column("revoked_at", DateTime(timezone=True), nullable=True),
+)
+"""API keys for system integrations, each owned by a client and carrying its
+roles. ``key_id`` is the public part of the key; the secret part is hashed."""
+
+audit_events = Table(
+    "audit_events",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("at", DateTime(timezone=True), nullable=False),
+    Column("actor", String(120), nullable=False),
+    Column("action", String(60), nullable=False),
+    Column("object_type", String(60), nullable=False),
+    Column("object_id", String(200), nullable=True),
+    Column("detail", Text, nullable=True),
+    Column("prev_hash", String(64), nullable=False),
+    Column("hash", String(64), nullable=False),
+)
+"""The audit log, hash-chained: each row's ``hash`` covers its own fields and
+the previous row's hash, so an edited or deleted row breaks the chain."""
+
+fhir_resources = Table(
+    "fhir_resources",
+    metadata,
+    Column("resource_type", String(60), primary_key=True),
+    Column("resource_id", String(64), primary_key=True),
+    Column("version_id", Integer, primary_key=True, autoincrement=False),
+    Column("last_updated", DateTime(timezone=True), nullable=False),
+    Column("content", Text, nullable=False),
+    Column("message_id", Integer, ForeignKey("messages.id"), nullable=True),
+    Column("is_current", Integer, nullable=False, default=1),
+    Index("ix_fhir_resources_current", "resource_type", "resource_id", "is_current"),
+)
+"""Every version of every resource received over the FHIR API; the newest
+has ``is_current`` 1. ``message_id`` is the stored message it arrived in."""
+
+fhir_conditional_keys = Table(
+    "fhir_conditional_keys",
+    metadata,
+    Column("resource_type", String(60), primary_key=True),
+    Column("criteria", String(500), primary_key=True),
+    Column("resource_id", String(64), nullable=False),
+)
+"""One row per conditional create (``If-None-Exist``) criteria; the primary
+key makes concurrent identical creates yield one resource."""
 
 journals = Table(
     "journals",
