@@ -344,7 +344,8 @@ def _worker_options(function: Any) -> Any:
 
 
 def _start_worker(db_url: str, config_dir: Path | None, options: WorkerOptions,
-                  until_idle: bool, *, listen: bool = False) -> WorkerStats:
+                  until_idle: bool, *, listen: bool = False,
+                  api_address: tuple[str, int] | None = None) -> WorkerStats:
     try:
         config = load_configuration(config_dir or bundled("demo", "config"))
         engine = open_engine(db_url)
@@ -353,16 +354,27 @@ def _start_worker(db_url: str, config_dir: Path | None, options: WorkerOptions,
     worker = Worker(engine, config, options)
     worker.install_signal_handlers()
     listeners = None
-    if listen and config.listeners:
-        # Raises if a port cannot be bound, before any message is accepted.
-        listeners = ListenerThread(engine, config.listeners)
-        listeners.start()
+    api = None
     try:
+        if api_address is not None:
+            from carebridge.api.server import ApiThread
+
+            try:
+                api = ApiThread(engine, config, *api_address)
+            except CarebridgeError as exc:
+                _fail(str(exc), exc.exit_code, False)
+            api.start()
+        if listen and config.listeners:
+            # Raises if a port cannot be bound, before any message is accepted.
+            listeners = ListenerThread(engine, config.listeners)
+            listeners.start()
         return worker.run(until_idle=until_idle)
     finally:
         if listeners is not None:
             # Stops accepting, then commits and acknowledges what is queued.
             listeners.stop()
+        if api is not None:
+            api.stop()
 
 
 @main.command(short_help="Run workers only, against a shared database.")
@@ -394,21 +406,38 @@ def worker(db_url: str, until_idle: bool, batch_size: int, no_deliver: bool,
 @click.option("--inbox", type=click.Path(file_okay=False, path_type=Path),
               default=Path("inbox"), show_default=True,
               help="Folder watched for files; each is stored, then moved to INBOX/done/.")
+@click.option("--host", default=None,
+              help="Address the API listens on. Default: api.host in carebridge.yaml "
+              "(127.0.0.1).")
+@click.option("--port", type=click.IntRange(0, 65535), default=None,
+              help="Port of the API. Default: api.port in carebridge.yaml (8080).")
+@click.option("--no-api", is_flag=True, help="Do not serve the FHIR and operations API.")
 @_worker_options
-def serve(db_url: str | None, inbox: Path, batch_size: int, no_deliver: bool,
+def serve(db_url: str | None, inbox: Path, host: str | None, port: int | None,
+          no_api: bool, batch_size: int, no_deliver: bool,
           config_dir: Path | None) -> None:
-    """Run everything in one process: MLLP listeners, inbox, processing, delivery.
+    """Run everything in one process: API, MLLP listeners, inbox, processing, delivery.
 
-    The MLLP listeners configured in carebridge.yaml (``listeners:``) send
-    AA only after a message is committed. Drop HL7 v2, FHIR JSON or Synthea
-    CSV files into the inbox; a file moves to INBOX/done/ only after its
-    messages are committed to the database.
+    The FHIR R4 and operations API answers on --host and --port
+    (``/openapi.json`` describes it). The MLLP listeners configured in
+    carebridge.yaml (``listeners:``) send AA only after a message is
+    committed. Drop HL7 v2, FHIR JSON or Synthea CSV files into the inbox;
+    a file moves to INBOX/done/ only after its messages are committed.
     SIGTERM or Ctrl-C stops the service after the batch in hand.
     """
     inbox.mkdir(parents=True, exist_ok=True)
     options = WorkerOptions(batch_size=batch_size, deliver=not no_deliver, inbox=inbox)
+    api_address = None
+    if not no_api:
+        try:
+            settings = load_configuration(config_dir or bundled("demo", "config")).api
+        except CarebridgeError as exc:
+            _fail(str(exc), exc.exit_code, False)
+        if settings.enabled or host is not None or port is not None:
+            api_address = (host or settings.host,
+                           settings.port if port is None else port)
     _start_worker(db_url or sqlite_url(DEFAULT_DATABASE), config_dir, options, False,
-                  listen=True)
+                  listen=True, api_address=api_address)
 
 
 @main.command(short_help="Archive, then prune message content past its retention.")
@@ -600,6 +629,11 @@ def _run(
     if not summary["journals"]["balanced"] or not summary["services_accounted"]["identity_holds"]:
         sys.exit(3)
 
+
+from carebridge.api.commands import api_group, audit_group  # noqa: E402
+
+main.add_command(api_group)
+main.add_command(audit_group)
 
 if __name__ == "__main__":
     main()

@@ -38,6 +38,7 @@ from carebridge.config.loader import (
 )
 from carebridge.config.model import (
     Account,
+    ApiSettings,
     ChargeItem,
     ChargemasterVersion,
     ChargeRules,
@@ -46,6 +47,7 @@ from carebridge.config.model import (
     DestinationConfig,
     ListenerConfig,
     RetentionPolicy,
+    SigningKey,
     SupplyItem,
 )
 from carebridge.config.schema import (
@@ -143,6 +145,7 @@ def load_configuration(config_dir: Path) -> Configuration:
         destinations=destinations,
         retention=_retention(config_dir, main),
         listeners=listeners,
+        api=_api(config_dir, main),
     )
     logger.info(
         "configuration %s loaded in %.2fs: %d accounts, %d departments, %d chargemaster "
@@ -231,6 +234,30 @@ def _retention(config_dir: Path, main: MainFile) -> RetentionPolicy:
         content_days=section.content_days,
         errored_content_days=section.errored_content_days,
         archive_dir=archive,
+    )
+
+
+def _api(config_dir: Path, main: MainFile) -> ApiSettings:
+    """Build the API settings; key file paths are relative to the folder."""
+    section = main.api
+
+    def resolve(path: str | None) -> Path | None:
+        return None if path is None else (config_dir / path).resolve()
+
+    keys = tuple(
+        SigningKey(
+            kid=entry.kid,
+            algorithm=entry.algorithm,
+            secret_env=entry.secret_env,
+            secret_file=resolve(entry.secret_file),
+            private_key_file=resolve(entry.private_key_file),
+            public_key_file=resolve(entry.public_key_file),
+        )
+        for entry in section.signing_keys
+    )
+    values = section.model_dump(exclude={"signing_keys", "cors_origins"})
+    return ApiSettings(
+        **values, signing_keys=keys, cors_origins=tuple(section.cors_origins)
     )
 
 

@@ -182,6 +182,43 @@ class ListenerConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class SigningKey:
+    """A bearer-token key as configured; the secret itself is read when the API starts.
+
+    Paths are absolute. ``secret_env`` names an environment variable.
+    """
+
+    kid: str
+    algorithm: str
+    secret_env: str | None = None
+    secret_file: Path | None = None
+    private_key_file: Path | None = None
+    public_key_file: Path | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ApiSettings:
+    """The FHIR and operations API (``api:`` in carebridge.yaml).
+
+    The first signing key that can sign is used for new tokens; every key
+    is accepted when checking one, so keys can be rotated by adding the new
+    key first and removing the old one after the longest token lifetime.
+    """
+
+    enabled: bool = True
+    host: str = "127.0.0.1"
+    port: int = 8080
+    signing_keys: tuple[SigningKey, ...] = ()
+    token_ttl_seconds: int = 900
+    max_request_bytes: int = 20 * 1024 * 1024
+    rate_limit_per_minute: int = 1200
+    cors_origins: tuple[str, ...] = ()
+    fhir_unknown_elements: str = "reject"
+    fhir_unknown_elements_by_client: dict[str, str] = field(default_factory=dict)
+    sla_hours_by_team: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
 class Configuration:
     """Everything the workflows need from master data and rules."""
 
@@ -204,3 +241,4 @@ class Configuration:
     destinations: tuple[DestinationConfig, ...] = field(default=())
     listeners: tuple[ListenerConfig, ...] = field(default=())
     retention: RetentionPolicy = field(default_factory=RetentionPolicy)
+    api: ApiSettings = field(default_factory=ApiSettings)

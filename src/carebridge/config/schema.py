@@ -179,6 +179,58 @@ class ListenerEntry(_Strict):
         return value
 
 
+class SigningKeyEntry(_Strict):
+    """One entry of ``api.signing_keys``: a key that signs or checks bearer tokens.
+
+    HS256 keys come from an environment variable or a file (never inline);
+    RS256 keys are a PEM private key file (signing) or public key file
+    (checking only). Paths are relative to carebridge.yaml.
+    """
+
+    kid: str = Field(min_length=1, max_length=60, pattern=r"^[A-Za-z0-9._-]+$")
+    algorithm: Literal["HS256", "RS256"] = "HS256"
+    secret_env: str | None = Field(default=None, min_length=1)
+    secret_file: str | None = Field(default=None, min_length=1)
+    private_key_file: str | None = Field(default=None, min_length=1)
+    public_key_file: str | None = Field(default=None, min_length=1, validate_default=True)
+
+    @field_validator("public_key_file")
+    @classmethod
+    def _one_source(cls, value: str | None, info: ValidationInfo) -> str | None:
+        algorithm = info.data.get("algorithm")
+        given = {
+            name for name in ("secret_env", "secret_file", "private_key_file")
+            if info.data.get(name) is not None
+        }
+        if value is not None:
+            given.add("public_key_file")
+        if algorithm == "HS256" and (len(given) != 1 or not given <= {"secret_env", "secret_file"}):
+            raise ValueError("an HS256 key needs exactly one of secret_env or secret_file")
+        if algorithm == "RS256" and (
+            not given or not given <= {"private_key_file", "public_key_file"}
+        ):
+            raise ValueError("an RS256 key needs private_key_file or public_key_file")
+        return value
+
+
+class ApiSection(_Strict):
+    """``api:`` in carebridge.yaml: the FHIR and operations API of ``carebridge serve``."""
+
+    enabled: bool = True
+    host: str = Field(default="127.0.0.1", min_length=1)
+    port: int = Field(default=8080, ge=0, le=65535)
+    signing_keys: list[SigningKeyEntry] = Field(default_factory=list)
+    token_ttl_seconds: int = Field(default=900, ge=60, le=86400)
+    max_request_bytes: int = Field(default=20 * 1024 * 1024, ge=1024, le=1024**3)
+    rate_limit_per_minute: int = Field(default=1200, ge=1)
+    cors_origins: list[str] = Field(default_factory=list)
+    fhir_unknown_elements: Literal["reject", "ignore"] = "reject"
+    fhir_unknown_elements_by_client: dict[str, Literal["reject", "ignore"]] = Field(
+        default_factory=dict
+    )
+    sla_hours_by_team: dict[str, float] = Field(default_factory=dict)
+
+
 class MainFile(_Strict):
     """carebridge.yaml."""
 
@@ -191,6 +243,7 @@ class MainFile(_Strict):
     destinations: list[DestinationEntry] = Field(default_factory=list)
     listeners: list[ListenerEntry] = Field(default_factory=list)
     retention: RetentionSection = Field(default_factory=RetentionSection)
+    api: ApiSection = Field(default_factory=ApiSection)
 
 
 class DepartmentEntry(_Strict):

@@ -1,0 +1,1 @@
+"""The HTTP API: FHIR R4 intake and the operations API (see :mod:`carebridge.api.app`)."""
