@@ -9,7 +9,7 @@ workers. Every route but ``/health``, ``/ready``, ``/oauth/token`` and
 from __future__ import annotations
 
 import logging
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from fastapi import FastAPI, Form, Request
 from fastapi.exceptions import RequestValidationError
@@ -203,21 +203,20 @@ def create_app(engine: Engine, config: Configuration) -> FastAPI:
     @app.post(
         "/oauth/token", response_model=TokenAnswer, tags=["auth"],
         summary="Exchange a client id and secret for a bearer token.",
-        responses={400: {"description": "Unsupported grant type."},
+        responses={
                    401: {"description": "Unknown client or wrong secret."},
+                   422: {"description": "A missing field, or a grant type other than "
+                                        "client_credentials."},
                    429: {"description": "Too many attempts."},
                    503: {"description": "No signing key is configured."}},
     )
     def token(
         request: Request,
-        grant_type: Annotated[str, Form()],
-        client_id: Annotated[str, Form()],
-        client_secret: Annotated[str, Form()],
+        grant_type: Annotated[Literal["client_credentials"], Form()],
+        client_id: Annotated[str, Form(min_length=1, max_length=120)],
+        client_secret: Annotated[str, Form(min_length=1, max_length=200)],
     ) -> TokenAnswer:
         ctx = context(request)
-        if grant_type != "client_credentials":
-            raise ApiError(400, "unsupported_grant_type",
-                           "grant_type must be client_credentials")
         peer = request.client.host if request.client else "unknown"
         if not token_limiter.allow(f"{peer}:{client_id}"):
             raise ApiError(429, "throttled", "too many token requests; retry later",

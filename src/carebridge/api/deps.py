@@ -134,4 +134,5 @@ def require(scope: Scope) -> Callable[..., Principal]:
         return principal
 
     check.__name__ = f"require_{scope.name.lower()}"
+    check.scope = scope  # type: ignore[attr-defined]  # read by tests and docs
     return check

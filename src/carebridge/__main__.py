@@ -1,0 +1,5 @@
+"""Run the command line with ``python -m carebridge``."""
+
+from carebridge.cli import main
+
+main()
