@@ -11,24 +11,28 @@ from __future__ import annotations
 import logging
 from typing import Annotated, Any, Literal
 
-from fastapi import FastAPI, Form, Request
+from fastapi import Depends, FastAPI, Form, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, PlainTextResponse
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from pydantic import BaseModel
 from sqlalchemy import Engine, text
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from carebridge import audit
-from carebridge.api.deps import ApiContext, ApiError, RateLimiter, context
+from carebridge.api.deps import ApiContext, ApiError, RateLimiter, context, require
 from carebridge.api.security import (
     AuthenticationError,
+    Principal,
+    Scope,
     TokenService,
     authenticate_client,
     load_keys,
 )
 from carebridge.config.model import Configuration
+from carebridge.metrics import DatabaseCollector
 
 logger = logging.getLogger(__name__)
 
@@ -235,6 +239,20 @@ def create_app(engine: Engine, config: Configuration) -> FastAPI:
         logger.info("token issued to client %s", client_id)
         return TokenAnswer(access_token=access, expires_in=ctx.tokens.ttl_seconds,
                            scope=" ".join(sorted(principal.scopes)))
+
+    @app.get(
+        "/metrics", tags=["health"], response_class=PlainTextResponse,
+        summary="Process metrics in the Prometheus text format (scope metrics:read).",
+        responses={200: {"content": {"text/plain": {}}},
+                   401: {"description": "No credentials."},
+                   403: {"description": "The client's roles lack metrics:read."}},
+    )
+    def metrics(
+        request: Request, _: Principal = Depends(require(Scope.METRICS_READ))
+    ) -> PlainTextResponse:
+        registry = CollectorRegistry(auto_describe=False)
+        registry.register(DatabaseCollector(context(request).engine))
+        return PlainTextResponse(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
     from carebridge.api.fhir import router as fhir_router
     from carebridge.api.ops import router as ops_router

@@ -54,6 +54,7 @@ class Scope(StrEnum):
     DELIVERIES_WRITE = "deliveries:write"
     MASTER_DATA_READ = "masterdata:read"
     AUDIT_READ = "audit:read"
+    METRICS_READ = "metrics:read"
     ADMIN = "admin"
 
 
@@ -74,7 +75,7 @@ ROLE_SCOPES: dict[Role, frozenset[Scope]] = {
     Role.INTEGRATION_ANALYST: frozenset({
         Scope.FHIR_READ, Scope.FHIR_WRITE, Scope.MESSAGES_READ, Scope.MESSAGES_REPLAY,
         Scope.WORK_ITEMS_READ, Scope.WORK_ITEMS_WRITE, Scope.DELIVERIES_READ,
-        Scope.DELIVERIES_WRITE, Scope.MASTER_DATA_READ,
+        Scope.DELIVERIES_WRITE, Scope.MASTER_DATA_READ, Scope.METRICS_READ,
     }),
     # Works charge exceptions; reads the clinical data behind them.
     Role.REVENUE_CYCLE: frozenset({
@@ -93,7 +94,7 @@ ROLE_SCOPES: dict[Role, frozenset[Scope]] = {
     # Reads everything needed to trace a posting; changes nothing.
     Role.AUDITOR: frozenset({
         Scope.AUDIT_READ, Scope.MESSAGES_READ, Scope.WORK_ITEMS_READ,
-        Scope.DELIVERIES_READ, Scope.MASTER_DATA_READ, Scope.FHIR_READ,
+        Scope.DELIVERIES_READ, Scope.MASTER_DATA_READ, Scope.FHIR_READ, Scope.METRICS_READ,
     }),
     Role.ADMIN: frozenset(Scope),
     # A system that sends FHIR resources and nothing else.
