@@ -631,9 +631,11 @@ def _run(
 
 
 from carebridge.api.commands import api_group, audit_group  # noqa: E402
+from carebridge.reconcile_command import reconcile_command  # noqa: E402
 
 main.add_command(api_group)
 main.add_command(audit_group)
+main.add_command(reconcile_command)
 
 if __name__ == "__main__":
     main()
