@@ -2,7 +2,9 @@
 
 Each row's ``hash`` is the SHA-256 of the previous row's hash and the row's
 own fields, so changing, inserting or deleting a row breaks the chain at
-that row. :func:`record` appends inside the caller's transaction, so a
+that row. NOTE: removing the newest rows leaves a valid, shorter chain, so
+:func:`verify` reports the last hash for the operator to keep elsewhere
+(a ticket, a log shipped off the host) and compare later. :func:`record` appends inside the caller's transaction, so a
 change and its audit row commit together. Appends are serialised (an
 advisory lock on PostgreSQL, the write lock on SQLite) so the chain never
 forks under concurrent requests.
@@ -88,11 +90,12 @@ def record(
 
 @dataclass(frozen=True, slots=True)
 class ChainCheck:
-    """The result of :func:`verify`: rows checked and the first broken row, if any."""
+    """Result of :func:`verify`: rows checked, the first broken row, the last hash."""
 
     rows: int
     broken_id: int | None = None
     problem: str | None = None
+    last_hash: str = GENESIS
 
     @property
     def ok(self) -> bool:
@@ -102,9 +105,9 @@ class ChainCheck:
 def verify(engine: Engine, *, batch: int = 5000) -> ChainCheck:
     """Recompute the chain from the first row and report the first row that breaks it.
 
-    A row breaks the chain when its ``prev_hash`` is not the hash of the row
-    before it (a row was deleted or inserted), when its ``hash`` does not
-    match its fields (it was edited), or when ids skip (a row was deleted).
+    A row breaks the chain when ids skip (a row was deleted), when its
+    ``prev_hash`` is not the previous row's hash (a row was inserted), or
+    when its ``hash`` does not match its fields (the row was edited).
     """
     prev_hash = GENESIS
     expected_id = 1
@@ -137,4 +140,4 @@ def verify(engine: Engine, *, batch: int = 5000) -> ChainCheck:
                 checked += 1
             after = rows[-1]["id"]
     logger.info("audit chain verified: %d rows", checked)
-    return ChainCheck(checked)
+    return ChainCheck(checked, last_hash=prev_hash)

@@ -136,9 +136,10 @@ def audit_verify(db_url: str, as_json: bool) -> None:
     result = audit.verify(open_engine(db_url))
     if as_json:
         click.echo(json.dumps({"ok": result.ok, "rows": result.rows,
-                               "broken_id": result.broken_id, "problem": result.problem}))
+                               "broken_id": result.broken_id, "problem": result.problem,
+                               "last_hash": result.last_hash}))
     elif result.ok:
-        click.echo(f"audit chain intact: {result.rows} rows")
+        click.echo(f"audit chain intact: {result.rows} rows, last hash {result.last_hash}")
     else:
         click.echo(f"error: audit chain broken at row {result.broken_id}: {result.problem}",
                    err=True)

@@ -41,7 +41,7 @@ AUDIENCE = "carebridge-api"
 
 
 class Scope(StrEnum):
-    """What a route needs. Read scopes never allow a change."""
+    """A permission that a route requires. Read scopes never allow a change."""
 
     FHIR_READ = "fhir:read"
     FHIR_WRITE = "fhir:write"
@@ -82,7 +82,7 @@ ROLE_SCOPES: dict[Role, frozenset[Scope]] = {
         Scope.FHIR_READ, Scope.MESSAGES_READ, Scope.WORK_ITEMS_READ,
         Scope.WORK_ITEMS_WRITE, Scope.MASTER_DATA_READ,
     }),
-    # Works supply exceptions; sees no patient messages.
+    # Works supply exceptions, with no access to patient messages.
     Role.SUPPLY_CHAIN: frozenset({
         Scope.WORK_ITEMS_READ, Scope.WORK_ITEMS_WRITE, Scope.MASTER_DATA_READ,
     }),
@@ -426,5 +426,5 @@ class TokenService:
 
 
 def new_signing_secret() -> str:
-    """A fresh HS256 secret (256 bits, URL-safe text)."""
+    """Return a new random HS256 secret (48 random bytes as URL-safe text)."""
     return secrets.token_urlsafe(48)
