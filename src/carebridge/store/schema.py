@@ -322,6 +322,26 @@ work_item_events = Table(
 )
 """The history of a work item: claimed, reassigned, resolved, approved."""
 
+patient_links = Table(
+    "patient_links",
+    metadata,
+    Column("merged_patient_id", String(100), primary_key=True),
+    Column("surviving_patient_id", String(100), nullable=False),
+    Column("work_item_id", Integer, ForeignKey("work_items.id"), nullable=False),
+    Column("linked_at", DateTime(timezone=True), nullable=False),
+    Column("linked_by", String(120), nullable=False),
+    Column("repointed", Text, nullable=False),
+    Index("ix_patient_links_surviving", "surviving_patient_id"),
+)
+"""Approved patient merges, as an ADT A40 would record them.
+
+``merged_patient_id`` was found to be the same person as
+``surviving_patient_id`` by the duplicate-patient check, and a person
+(``linked_by``) approved the merge through work item ``work_item_id``.
+The merged patient's encounters, services and charge lines were re-pointed
+to the surviving patient at that moment; ``repointed`` holds the counts
+per table as JSON. The merged ``patients`` row stays for lineage."""
+
 api_clients = Table(
     "api_clients",
     metadata,

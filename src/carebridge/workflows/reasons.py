@@ -32,6 +32,28 @@ class Reason(StrEnum):
     CURRENCY_MISMATCH = "currency_mismatch"
     UNKNOWN_ITEM = "unknown_item"
     LOT_OR_SERIAL_MISSING = "lot_or_serial_missing"
+    NO_STOCK = "no_stock"
+    QUANTITY_TOO_HIGH = "quantity_too_high"
+    AUTHORIZATION_PENDING = "authorization_pending"
+    AUTHORIZATION_EXPIRED = "authorization_expired"
+    AUTHORIZATION_EXPIRING = "authorization_expiring"
+    APPROVAL_REQUIRED = "approval_required"
+    OVER_BUDGET = "over_budget"
+    UNKNOWN_SUPPLIER = "unknown_supplier"
+    RECEIPT_EXCEEDS_ORDER = "receipt_exceeds_order"
+    # Billing readiness of an encounter's claim (subject ``claim:{encounter id}``).
+    DIAGNOSIS_MISSING = "diagnosis_missing"
+    AUTHORIZATION_MISSING = "authorization_missing"
+    OPEN_WORK_ITEMS = "open_work_items"
+    PATIENT_INCOMPLETE = "patient_incomplete"
+    CLAIM_CREDIT_BALANCE = "claim_credit_balance"
+    CLAIM_INVALID = "claim_invalid"
+    # Flags of the AI-assisted checks (carebridge.checks): a person decides.
+    DUPLICATE_PATIENT = "duplicate_patient"
+    MISSING_CHARGE = "missing_charge"
+    UNITS_ANOMALY = "units_anomaly"
+    PRICE_ANOMALY = "price_anomaly"
+    BILLED_NOT_DOCUMENTED = "billed_not_documented"
 
 
 class Team(StrEnum):
@@ -40,6 +62,7 @@ class Team(StrEnum):
     INTEGRATION = "integration"
     REVENUE_CYCLE = "revenue_cycle"
     SUPPLY_CHAIN = "supply_chain"
+    FINANCE = "finance"
 
 
 TEAM_BY_REASON: dict[Reason, Team] = {
@@ -63,6 +86,26 @@ TEAM_BY_REASON: dict[Reason, Team] = {
     Reason.CURRENCY_MISMATCH: Team.REVENUE_CYCLE,
     Reason.UNKNOWN_ITEM: Team.SUPPLY_CHAIN,
     Reason.LOT_OR_SERIAL_MISSING: Team.SUPPLY_CHAIN,
+    Reason.NO_STOCK: Team.SUPPLY_CHAIN,
+    Reason.QUANTITY_TOO_HIGH: Team.SUPPLY_CHAIN,
+    Reason.AUTHORIZATION_PENDING: Team.REVENUE_CYCLE,
+    Reason.AUTHORIZATION_EXPIRED: Team.REVENUE_CYCLE,
+    Reason.AUTHORIZATION_EXPIRING: Team.REVENUE_CYCLE,
+    Reason.APPROVAL_REQUIRED: Team.FINANCE,
+    Reason.OVER_BUDGET: Team.FINANCE,
+    Reason.UNKNOWN_SUPPLIER: Team.SUPPLY_CHAIN,
+    Reason.RECEIPT_EXCEEDS_ORDER: Team.SUPPLY_CHAIN,
+    Reason.DIAGNOSIS_MISSING: Team.REVENUE_CYCLE,
+    Reason.AUTHORIZATION_MISSING: Team.REVENUE_CYCLE,
+    Reason.OPEN_WORK_ITEMS: Team.REVENUE_CYCLE,
+    Reason.PATIENT_INCOMPLETE: Team.REVENUE_CYCLE,
+    Reason.CLAIM_CREDIT_BALANCE: Team.REVENUE_CYCLE,
+    Reason.CLAIM_INVALID: Team.REVENUE_CYCLE,
+    Reason.DUPLICATE_PATIENT: Team.INTEGRATION,
+    Reason.MISSING_CHARGE: Team.REVENUE_CYCLE,
+    Reason.UNITS_ANOMALY: Team.REVENUE_CYCLE,
+    Reason.PRICE_ANOMALY: Team.REVENUE_CYCLE,
+    Reason.BILLED_NOT_DOCUMENTED: Team.REVENUE_CYCLE,
 }
 
 
