@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from carebridge.errors import ParseError
-from carebridge.ingest.fhir.json import load_fhir_json
+from carebridge.ingest.fhir.json import load_fhir_json, parse_fhir_json
 from carebridge.ingest.fhir.mapping import map_fhir
 from carebridge.ingest.files.csvrows import read_csv_records
 from carebridge.ingest.files.synthea import map_synthea_row
@@ -32,8 +32,18 @@ def _map_hl7v2(
     return batch
 
 
+FHIR_VALIDATED_FORMAT = "fhir-json;validated"
+"""Format of FHIR JSON that the FHIR API validated against R4B before storing
+it, with server-assigned ids and references. The worker does not validate it
+again."""
+
+
 def _map_fhir(raw: bytes, message_id: int, _occurrence: int) -> CanonicalBatch:
     return map_fhir(load_fhir_json(raw), message_id)
+
+
+def _map_validated_fhir(raw: bytes, message_id: int, _occurrence: int) -> CanonicalBatch:
+    return map_fhir(parse_fhir_json(raw), message_id)
 
 
 def _synthea_mapper(kind: str) -> Mapper:
@@ -54,6 +64,7 @@ def _synthea_mapper(kind: str) -> Mapper:
 MAPPERS: dict[str, Mapper] = {
     "hl7v2": _map_hl7v2,
     "fhir-json": _map_fhir,
+    FHIR_VALIDATED_FORMAT: _map_validated_fhir,
     **{
         f"synthea-csv:{kind}": _synthea_mapper(kind)
         for kind in ("patients", "encounters", "procedures", "immunizations", "supplies")

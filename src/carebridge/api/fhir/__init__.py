@@ -1,5 +1,12 @@
-"""FHIR R4 REST under ``/fhir``."""
+"""FHIR R4 REST under ``/fhir``: resources and Bundles in, stored as messages.
 
-from fastapi import APIRouter
+Modules: :mod:`.routes` (HTTP), :mod:`.interactions` and :mod:`.bundles`
+(create, update, read, search, transaction, batch), :mod:`.writes` (one
+database transaction per write), :mod:`.repository` (queries),
+:mod:`.validation`, :mod:`.resources` (types, ids, exact-decimal JSON) and
+:mod:`.capability`.
+"""
 
-router = APIRouter(prefix="/fhir", tags=["fhir"])
+from carebridge.api.fhir.routes import router
+
+__all__ = ["router"]

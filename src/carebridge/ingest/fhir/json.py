@@ -108,7 +108,9 @@ def load_fhir_json(raw: bytes, *, validate: bool = True) -> dict[str, Any]:
     return document
 
 
-def validate_resource(resource: dict[str, Any], *, path: str) -> None:
+def validate_resource(
+    resource: dict[str, Any], *, path: str, unknown_elements: str = "reject"
+) -> list[str]:
     """Validate one resource (a Bundle with all its entries) against FHIR R4B.
 
     Besides the model rules, a decimal, integer or boolean element must be a
@@ -119,6 +121,12 @@ def validate_resource(resource: dict[str, Any], *, path: str) -> None:
         resource: a resource as returned by :func:`parse_fhir_json`.
         path: the element path of ``resource`` used in error locations, e.g.
             ``Claim`` or ``Bundle.entry[2].resource``.
+        unknown_elements: ``"reject"`` raises on an element that FHIR R4B
+            does not define; ``"ignore"`` deletes such elements from
+            ``resource`` in place and validates the rest.
+
+    Returns:
+        The element paths deleted under ``"ignore"`` (empty otherwise).
 
     Raises:
         ParseError: the first invalid element, located by its element path.
@@ -127,8 +135,7 @@ def validate_resource(resource: dict[str, Any], *, path: str) -> None:
     if not isinstance(resource_type, str):
         raise ParseError("missing resourceType", location=f"{path}.resourceType")
     if resource_type == "Bundle":
-        _validate_bundle(resource, path)
-        return
+        return _validate_bundle(resource, path, unknown_elements)
     try:
         model_class = get_fhir_model_class(resource_type)
     except (KeyError, ValueError) as exc:
@@ -136,11 +143,14 @@ def validate_resource(resource: dict[str, Any], *, path: str) -> None:
             f"unknown FHIR resource type {resource_type!r}",
             location=f"{path}.resourceType",
         ) from exc
-    model = _validate_model(model_class, resource, path, resource_type)
+    dropped: list[str] = []
+    model = _validate_model(model_class, resource, path, resource_type,
+                            unknown_elements, dropped)
     _check_json_primitives(model, resource, path, resource_type)
+    return dropped
 
 
-def _validate_bundle(bundle: dict[str, Any], path: str) -> None:
+def _validate_bundle(bundle: dict[str, Any], path: str, unknown_elements: str) -> list[str]:
     entries = bundle.get("entry", [])
     if not isinstance(entries, list):
         raise ParseError("Bundle.entry must be an array", location=f"{path}.entry")
@@ -155,16 +165,26 @@ def _validate_bundle(bundle: dict[str, Any], path: str) -> None:
         else entry
         for entry in entries
     ]
-    model = _validate_model(Bundle, envelope, path, "Bundle")
+    dropped: list[str] = []
+    model = _validate_model(Bundle, envelope, path, "Bundle", unknown_elements, dropped)
     _check_json_primitives(model, envelope, path, "Bundle")
     for index, entry in enumerate(entries):
+        if isinstance(entry, dict):
+            # Elements dropped from the envelope copy are dropped from the entry too.
+            for key in [key for key in entry if key != "resource"]:
+                if key not in envelope["entry"][index]:
+                    del entry[key]
         resource = entry.get("resource")
         if resource is None:
             continue
         entry_path = f"{path}.entry[{index}].resource"
         if not isinstance(resource, dict):
             raise ParseError("entry resource must be an object", location=entry_path)
-        validate_resource(resource, path=entry_path)
+        dropped += validate_resource(resource, path=entry_path,
+                                     unknown_elements=unknown_elements)
+    for key in [key for key in bundle if key not in envelope]:
+        del bundle[key]
+    return dropped
 
 
 def _validate_model(
@@ -172,19 +192,50 @@ def _validate_model(
     resource: dict[str, Any],
     path: str,
     resource_type: str,
+    unknown_elements: str = "reject",
+    dropped: list[str] | None = None,
 ) -> FHIRAbstractModel:
-    try:
-        return model_class.model_validate(resource)
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        location = element_path(path, first["loc"])
-        message = first["msg"].removeprefix("Value error, ").rstrip(".")
-        count = exc.error_count()
-        more = f" (and {count - 1} more errors)" if count > 1 else ""
-        raise ParseError(
-            f"invalid {resource_type}: {message}; value {first.get('input')!r}{more}",
-            location=location,
-        ) from exc
+    while True:
+        try:
+            return model_class.model_validate(resource)
+        except ValidationError as exc:
+            errors = exc.errors()
+            unknown = [error for error in errors if error["type"] == "extra_forbidden"]
+            if unknown_elements == "ignore" and unknown:
+                # Delete every unknown element, then validate again: the
+                # remaining errors, if any, are about elements FHIR defines.
+                for error in unknown:
+                    _delete_element(resource, error["loc"])
+                    if dropped is not None:
+                        dropped.append(element_path(path, error["loc"]))
+                continue
+            first = unknown[0] if unknown else errors[0]
+            location = element_path(path, first["loc"])
+            count = exc.error_count()
+            more = f" (and {count - 1} more errors)" if count > 1 else ""
+            if first["type"] == "extra_forbidden":
+                raise ParseError(
+                    f"unknown element {first['loc'][-1]!r}: FHIR R4 {resource_type} "
+                    f"does not define it{more}",
+                    location=location,
+                ) from exc
+            message = first["msg"].removeprefix("Value error, ").rstrip(".")
+            raise ParseError(
+                f"invalid {resource_type}: {message}; value {first.get('input')!r}{more}",
+                location=location,
+            ) from exc
+
+
+def _delete_element(resource: Any, loc: Sequence[str | int]) -> None:
+    """Delete the element at pydantic location ``loc`` from the nested dicts."""
+    parent = resource
+    for part in loc[:-1]:
+        try:
+            parent = parent[part]
+        except (KeyError, IndexError, TypeError):
+            return
+    if isinstance(parent, dict):
+        parent.pop(loc[-1], None)
 
 
 def element_path(base: str, loc: Sequence[str | int]) -> str:
