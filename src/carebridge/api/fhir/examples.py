@@ -96,9 +96,26 @@ def fhir_content(example: dict[str, Any]) -> dict[str, Any]:
     return {FHIR_JSON: {"schema": _OBJECT, "example": example}}
 
 
-def request_body(examples: dict[str, dict[str, Any]]) -> dict[str, Any]:
+_RESOURCE = {
+    "type": "object", "additionalProperties": True, "required": ["resourceType"],
+    "properties": {"resourceType": {"type": "string", "pattern": "^[A-Z][A-Za-z]+$"}},
+}
+"""The part of a resource's structure JSON Schema can state; the R4 models check the rest."""
+
+BUNDLE = {
+    "type": "object", "additionalProperties": True, "required": ["resourceType", "type"],
+    "properties": {
+        "resourceType": {"type": "string", "enum": ["Bundle"]},
+        "type": {"type": "string", "enum": ["transaction", "batch"]},
+        "entry": {"type": "array", "items": {"type": "object"}},
+    },
+}
+
+
+def request_body(examples: dict[str, dict[str, Any]],
+                 schema: dict[str, Any] | None = None) -> dict[str, Any]:
     """Build an ``openapi_extra`` request body of FHIR JSON (or plain JSON) with examples."""
-    content = {"schema": _OBJECT,
+    content = {"schema": schema or _RESOURCE,
                "examples": {name: {"value": value} for name, value in examples.items()}}
     return {"requestBody": {"required": True,
                             "content": {FHIR_JSON: content, "application/json": content}}}

@@ -83,7 +83,8 @@ or `PUT` (with `ifMatch`) any R4 resource type."""
 @router.post(
     "", summary="Process a transaction or batch Bundle.", description=_BUNDLE_DOC,
     response_class=Response,
-    openapi_extra=examples.request_body({"transaction": examples.TRANSACTION}),
+    openapi_extra=examples.request_body({"transaction": examples.TRANSACTION},
+                                        examples.BUNDLE),
     responses={200: {"description": "A transaction-response or batch-response Bundle.",
                      "content": examples.fhir_content(examples.TRANSACTION_RESPONSE)},
                409: examples.write_responses({})[409], 412: examples.write_responses({})[412],
