@@ -12,6 +12,15 @@ without storing anything.
 
 from __future__ import annotations
 
+import sys as _sys
+from pathlib import Path as _Path
+
+# Python puts this folder first on sys.path, where benchmarks/fhir.py would
+# hide the fhir package that fhir.resources lives in.
+_sys.path[:] = [
+    p for p in _sys.path if _Path(p or ".").resolve() != _Path(__file__).resolve().parent
+]
+
 import argparse
 import asyncio
 import itertools

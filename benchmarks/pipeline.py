@@ -25,6 +25,15 @@ of that database, dropped afterwards.
 
 from __future__ import annotations
 
+import sys as _sys
+from pathlib import Path as _Path
+
+# Python puts this folder first on sys.path, where benchmarks/fhir.py would
+# hide the fhir package that fhir.resources lives in.
+_sys.path[:] = [
+    p for p in _sys.path if _Path(p or ".").resolve() != _Path(__file__).resolve().parent
+]
+
 import argparse
 import atexit
 import json
@@ -60,6 +69,7 @@ class Finished:
     seconds: float
     rss_mb: float
     stdout: str
+    cpu_seconds: float = 0.0
 
 
 def carebridge(*args: str) -> list[str]:
@@ -77,7 +87,7 @@ def _wait(process: subprocess.Popen[bytes], started: float) -> Finished:
     err = process.stderr.read().decode() if process.stderr else ""
     if process.returncode != 0:
         raise RuntimeError(f"{process.args} exited {process.returncode}: {err[-2000:]}")
-    return Finished(seconds, usage.ru_maxrss / 1024, out)
+    return Finished(seconds, usage.ru_maxrss / 1024, out, usage.ru_utime + usage.ru_stime)
 
 
 def run(args: list[str]) -> Finished:
@@ -145,7 +155,8 @@ def bench_sqlite(load: Path, generated: int, workdir: Path) -> dict[str, object]
             "rss_mb": round(done.rss_mb, 1), "counts": counts}
 
 
-def bench_postgres(load: Path, generated: int, admin_url: str, workers: int) -> dict[str, object]:
+def bench_postgres(load: Path, generated: int, admin_url: str, workers: int,
+                   postmaster: int | None = None) -> dict[str, object]:
     """Store with ``ingest --store-only``, then time ``workers`` workers to idle.
 
     Storing runs as one ``ingest`` per worker, each taking every N-th clone,
@@ -157,14 +168,18 @@ def bench_postgres(load: Path, generated: int, admin_url: str, workers: int) -> 
         clones = sorted({path.name for path in load.glob("*/c*") if path.is_dir()})
         for index, clone in enumerate(clones):
             shares[index % workers] += [str(path) for path in sorted(load.glob(f"*/{clone}"))]
+        server_at_start = server_cpu_seconds(postmaster)
         store_s, stored = run_parallel(
             [carebridge("ingest", "--store-only", *share, "--db", url, "--json")
              for share in shares if share]
         )
-        store = Finished(store_s, max(f.rss_mb for f in stored), "")
+        store = Finished(store_s, max(f.rss_mb for f in stored), "",
+                         sum(f.cpu_seconds for f in stored))
+        server_after_store = server_cpu_seconds(postmaster)
         process_s, finished = run_parallel(
             [carebridge("worker", "--db", url, "--until-idle") for _ in range(workers)]
         )
+        worker_cpu = sum(f.cpu_seconds for f in finished)
         counts = check(url, generated)
         tail_s = 0.0
         if counts["unjournaled"]:
@@ -173,8 +188,10 @@ def bench_postgres(load: Path, generated: int, admin_url: str, workers: int) -> 
             # NOTE: inferred from worker.py; not seen in the runs so far.
             tail = run(carebridge("worker", "--db", url, "--until-idle"))
             tail_s = tail.seconds
+            worker_cpu += tail.cpu_seconds
             counts = check(url, generated)
             counts["posted_by_extra_worker"] = True
+        server_at_end = server_cpu_seconds(postmaster)
     end_to_end = store.seconds + process_s + tail_s
     return {
         "workers": workers,
@@ -185,8 +202,50 @@ def bench_postgres(load: Path, generated: int, admin_url: str, workers: int) -> 
         "process_msgs_per_s": round(generated / (process_s + tail_s), 1),
         "store_rss_mb": round(store.rss_mb, 1),
         "worker_rss_mb": round(max(f.rss_mb for f in finished), 1),
+        # CPU seconds per 1,000 messages: the ingest processes while storing,
+        # the workers while processing, and the server in each phase (own
+        # cluster only). They depend much less than wall time on what else the
+        # machine runs.
+        "cpu_s_per_1000": {
+            "store_clients": round(store.cpu_seconds / generated * 1000, 3),
+            "workers": round(worker_cpu / generated * 1000, 3),
+            "server_store": _per_1000(server_at_start, server_after_store, generated),
+            "server_process": _per_1000(server_after_store, server_at_end, generated),
+        },
         "counts": counts,
     }
+
+
+def _per_1000(start: float | None, end: float | None, generated: int) -> float | None:
+    if start is None or end is None:
+        return None
+    return round((end - start) / generated * 1000, 3)
+
+
+def server_cpu_seconds(postmaster: int | None) -> float | None:
+    """Return the CPU seconds the PostgreSQL server has used so far, or ``None``.
+
+    Counts the postmaster and every live child (backends, WAL writer,
+    checkpointer, autovacuum), plus the children that have exited, which
+    the kernel adds to the postmaster's ``cutime`` and ``cstime``. Only known
+    for the cluster this script started.
+    """
+    if postmaster is None:
+        return None
+    tick = os.sysconf("SC_CLK_TCK")
+
+    def used(pid: int, with_children: bool) -> float:
+        # Fields 14-17 of /proc/PID/stat: utime, stime, cutime, cstime.
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return sum(int(value) for value in fields[11:15 if with_children else 13]) / tick
+
+    total = used(postmaster, True)
+    for child in Path(f"/proc/{postmaster}/task/{postmaster}/children").read_text().split():
+        try:
+            total += used(int(child), False)
+        except (FileNotFoundError, ProcessLookupError):
+            pass  # it exited meanwhile and now counts in the postmaster's cutime
+    return total
 
 
 @contextmanager
@@ -242,6 +301,10 @@ class OwnCluster:
                  "-c", "CREATE DATABASE carebridge OWNER carebridge")
         return f"postgresql+psycopg://carebridge@127.0.0.1:{self.port}/carebridge"
 
+    def postmaster(self) -> int:
+        """Return the process id of the running server."""
+        return int((self.data / "postmaster.pid").read_text().split()[0])
+
     def stop(self) -> None:
         """Stop the server and remove its folder; safe to call twice."""
         if self.started:
@@ -257,6 +320,23 @@ def _free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return probe.getsockname()[1]
+
+
+def _cpu_ticks() -> tuple[int, int]:
+    """Return the machine's (busy, total) CPU ticks so far, from ``/proc/stat``."""
+    values = [int(value) for value in Path("/proc/stat").read_text().split("\n")[0].split()[1:]]
+    idle = values[3] + values[4]  # idle and iowait
+    return sum(values[:8]) - idle, sum(values[:8])
+
+
+def machine_busy_share(start: tuple[int, int]) -> float:
+    """Return the share of all CPUs busy since ``start``, this script's work included.
+
+    A share near 1 means the runs competed for CPU with each other or with
+    other programs, so the wall times and the 2 / 1 ratio are not representative.
+    """
+    busy, total = _cpu_ticks()
+    return round((busy - start[0]) / max(total - start[1], 1), 2)
 
 
 def machine() -> dict[str, object]:
@@ -329,6 +409,7 @@ def main(argv: list[str] | None = None) -> int:
     generate(workdir / "load-small", small_size, seed=args.seed)
     load, small = workdir / "load", workdir / "load-small"
 
+    machine_at_start = _cpu_ticks()
     cluster = None
     pg_url = args.pg_url
     if pg_url is None:
@@ -341,11 +422,12 @@ def main(argv: list[str] | None = None) -> int:
         say(f"SQLite, {args.messages} messages")
         sqlite_big = bench_sqlite(load, args.messages, workdir)
         say(f"PostgreSQL, 1 worker, {small_size} messages")
-        pg_small = bench_postgres(small, small_size, pg_url, 1)
+        postmaster = cluster.postmaster() if cluster is not None else None
+        pg_small = bench_postgres(small, small_size, pg_url, 1, postmaster)
         pg_runs = []
         for workers in (1, 2):
             say(f"PostgreSQL, {workers} worker(s), {args.messages} messages")
-            pg_runs.append(bench_postgres(load, args.messages, pg_url, workers))
+            pg_runs.append(bench_postgres(load, args.messages, pg_url, workers, postmaster))
     finally:
         if cluster is not None:
             cluster.stop()
@@ -367,6 +449,9 @@ def main(argv: list[str] | None = None) -> int:
         "pg_2_over_1": round(two["msgs_per_s"] / one["msgs_per_s"], 2),
         "pg_2_over_1_processing": round(
             two["process_msgs_per_s"] / one["process_msgs_per_s"], 2),
+        "pg_cpu_s_per_1000": {"1_worker": one["cpu_s_per_1000"],
+                              "2_workers": two["cpu_s_per_1000"]},
+        "machine_busy_share": machine_busy_share(machine_at_start),
         "rss_mb_at_10k": sqlite_small["rss_mb"],
         "rss_mb_at_100k": sqlite_big["rss_mb"],
         "pg_worker_rss_mb_at_10k": pg_small["worker_rss_mb"],

@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import Connection, select
+from sqlalchemy import ARRAY, ColumnElement, Connection, any_, bindparam, select
 
 from carebridge.config.model import Configuration
 from carebridge.engine.intake import PROCESSED
@@ -167,7 +167,7 @@ class BatchState:
 
         for chunk in _chunks(patient_ids):
             rows = self.conn.execute(
-                select(patients.c.patient_id).where(patients.c.patient_id.in_(chunk))
+                select(patients.c.patient_id).where(self._among(patients.c.patient_id, chunk))
             )
             self.known_patients.update(rows.scalars())
         for chunk in _chunks(encounter_ids):
@@ -176,7 +176,7 @@ class BatchState:
                     encounters.c.encounter_id,
                     encounters.c.encounter_class,
                     encounters.c.patient_id,
-                ).where(encounters.c.encounter_id.in_(chunk))
+                ).where(self._among(encounters.c.encounter_id, chunk))
             )
             for row in rows:
                 self.encounter_classes[row.encounter_id] = row.encounter_class or ""
@@ -186,11 +186,21 @@ class BatchState:
             supply_usages, supply_usages.c.usage_key, usage_keys, self.usage_prints
         )
 
+    def _among(self, column: ColumnElement[str], values: list[str]) -> ColumnElement[bool]:
+        """Return ``column IN values``, written as ``= ANY(array)`` on PostgreSQL.
+
+        An IN list of 500 keys is a statement of 500 parameters, which the
+        driver rewrites and the server parses again for every batch.
+        """
+        if self.conn.dialect.name == "postgresql":
+            return column == any_(bindparam(None, values, type_=ARRAY(column.type)))
+        return column.in_(values)
+
     def _prefetch_prints(self, table, key_column, keys: set[str], into: dict[str, str]) -> None:
         for chunk in _chunks(keys):
             rows = self.conn.execute(
                 select(key_column, table.c.fingerprint)
-                .where(key_column.in_(chunk))
+                .where(self._among(key_column, chunk))
                 .order_by(table.c.id)
             )
             for key, print_ in rows:
