@@ -33,6 +33,7 @@ def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line(
         "markers", f"postgresql: runs on the PostgreSQL database named by {PG_URL_VARIABLE}"
     )
+    config.addinivalue_line("markers", "tryton: starts a real trytond server on loopback")
 
 
 @pytest.fixture(scope="session")

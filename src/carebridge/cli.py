@@ -118,6 +118,12 @@ def print_summary(summary: dict[str, Any]) -> None:
         f"  chargemaster         {master['items']:>8}   items, version {master['version']}"
         f" ({master['bad_rows']} bad rows reported at start)"
     )
+    erp = summary.get("erp")
+    if erp is not None:
+        lines.append(
+            f"  ERP (Tryton)         {erp['moves']:>8}   moves, {erp['stock_moves']} stock moves"
+            f"  [{'matches the ledger' if erp['matches_ledger'] else 'DIFFERS FROM THE LEDGER'}]"
+        )
     check = summary.get("ledger_check")
     if check is not None:
         lines.append(f"  ledger check         {'ok' if check['ok'] else 'FAILED'}")
@@ -255,8 +261,12 @@ def main(ctx: click.Context, verbose: int) -> None:
     "between runs.",
 )
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as one JSON object.")
+@click.option("--erp/--no-erp", default=True, show_default=True,
+              help="Post the journals and supply issues into a Tryton database created "
+              "in OUT/tryton (about 40 s more); --no-erp writes the ledger files only.")
 @config_option
-def demo(out_dir: Path, db_url: str | None, as_json: bool, config_dir: Path | None) -> None:
+def demo(out_dir: Path, db_url: str | None, as_json: bool, erp: bool,
+         config_dir: Path | None) -> None:
     """Run the main job on the real public data bundled with carebridge.
 
     Reads Synthea CSV exports and FHIR R4 bundles (synthetic patients) and
@@ -264,13 +274,16 @@ def demo(out_dir: Path, db_url: str | None, as_json: bool, config_dir: Path | No
     balanced journals. The summary shows where every service went:
     services = charged + work items + duplicates.
     """
+    fresh = db_url is None
     if db_url is None:
         database = out_dir / "carebridge.db"
         for suffix in ("", "-wal", "-shm"):
             Path(f"{database}{suffix}").unlink(missing_ok=True)
         db_url = sqlite_url(database)
     paths = [bundled("demo", "data", *part.split("/")) for part in DEMO_INPUTS]
-    _run(paths, out_dir, db_url, as_json, config_dir, command="demo", source="demo")
+    erp_dir = (out_dir / "tryton", fresh) if erp else None
+    _run(paths, out_dir, db_url, as_json, config_dir, command="demo", source="demo",
+         erp_dir=erp_dir)
 
 
 @main.command(short_help="Ingest your own HL7 v2, FHIR JSON or Synthea CSV files.")
@@ -695,6 +708,7 @@ def _run(
     *,
     command: str,
     source: str,
+    erp_dir: tuple[Path, bool] | None = None,
 ) -> None:
     progress = Progress(enabled=not as_json)
     if out_dir is not None:
@@ -721,9 +735,28 @@ def _run(
             as_json,
         )
     progress.close()
+    if erp_dir is not None:
+        summary["erp"] = _post_to_tryton(engine, config, *erp_dir, as_json=as_json)
     emit(summary, as_json)
+    if not summary.get("erp", {}).get("matches_ledger", True):
+        sys.exit(3)
     if not summary["journals"]["balanced"] or not summary["services_accounted"]["identity_holds"]:
         sys.exit(3)
+
+
+def _post_to_tryton(engine: Any, config: Any, folder: Path, fresh: bool, *,
+                    as_json: bool) -> dict[str, Any]:
+    """Run ``demo --erp``: post the run into a Tryton database in ``folder``."""
+    from carebridge.erp.demo import post_run_to_tryton
+    from carebridge.erp.rpc import TrytonError
+    from carebridge.erp.server import TrytonServerError
+
+    try:
+        return post_run_to_tryton(engine, config, folder, fresh=fresh)
+    except (TrytonError, TrytonServerError, OSError) as exc:
+        _fail(f"posting into Tryton failed: {exc}; its log is {folder / 'trytond.log'}",
+              5, as_json)
+    raise AssertionError("unreachable: _fail exits")
 
 
 from carebridge.api.commands import api_group, audit_group  # noqa: E402

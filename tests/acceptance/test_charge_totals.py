@@ -115,7 +115,7 @@ def ft1_amount(raw: bytes, transaction_id: str) -> Decimal:
 def demo(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, Path]:
     out = tmp_path_factory.mktemp("totals")
     result = subprocess.run(
-        [sys.executable, "-m", "carebridge.cli", "demo", "--json", "--out", str(out)],
+        [sys.executable, "-m", "carebridge.cli", "demo", "--json", "--no-erp", "--out", str(out)],
         capture_output=True, text=True, timeout=600, check=False,
     )
     assert result.returncode == 0, result.stderr

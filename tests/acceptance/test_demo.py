@@ -48,6 +48,19 @@ def test_summary_has_required_keys(demo_run: tuple[dict[str, Any], Path]) -> Non
     assert summary["database"].startswith("sqlite:///")
 
 
+def test_demo_posts_into_tryton_by_default(demo_run: tuple[dict[str, Any], Path]) -> None:
+    summary, out = demo_run
+    erp = summary["erp"]
+    assert set(erp) >= {"moves", "stock_moves", "purchase_orders", "invoices", "matches_ledger"}
+    assert erp["matches_ledger"] is True
+    assert erp["moves"] == summary["journals"]["count"]
+    assert erp["stock_moves"] == summary["supply_postings"]["count"]
+    assert (out / "tryton").is_dir()
+    claims = summary["claims"]
+    assert claims["count"] == claims["validated"] + claims["held"]
+    assert claims["validated"] > 0
+
+
 def test_amounts_are_two_decimal_strings(demo_run: tuple[dict[str, Any], Path]) -> None:
     summary, _ = demo_run
     for amount in (summary["charges"]["total"], summary["supply_postings"]["total_cost"]):
@@ -110,8 +123,10 @@ def test_journal_lines_trace_to_messages(demo_run: tuple[dict[str, Any], Path]) 
 
 def test_second_run_posts_nothing(tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path / 'shared.db'}"
-    first = carebridge("demo", "--json", "--out", str(tmp_path / "one"), "--db", url)
-    second = carebridge("demo", "--json", "--out", str(tmp_path / "two"), "--db", url)
+    first = carebridge("demo", "--json", "--no-erp", "--out", str(tmp_path / "one"),
+                       "--db", url)
+    second = carebridge("demo", "--json", "--no-erp", "--out", str(tmp_path / "two"),
+                        "--db", url)
     assert first.returncode == 0, first.stderr
     assert second.returncode == 0, second.stderr
     one, two = json.loads(first.stdout), json.loads(second.stdout)

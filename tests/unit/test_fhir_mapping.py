@@ -99,7 +99,19 @@ def test_synthea_bundle_ignored_kinds(
     assert ignored["Claim"] == 52
     assert ignored["ExplanationOfBenefit"] == 52
     assert ignored["Observation"] == 84
-    assert sum(ignored.values()) == 436 - 1 - 51 - 52 - 6
+    assert "Condition" not in ignored
+    # Mapped: 1 Patient, 51 Encounters, 52 Procedures, 6 Immunizations, 16 Conditions.
+    assert sum(ignored.values()) == 436 - 1 - 51 - 52 - 6 - 16
+
+
+def test_synthea_bundle_diagnoses(
+    bundle_batches: dict[str, CanonicalBatch],
+) -> None:
+    diagnoses = bundle_batches["9808a1c3-5354-de5f-bfe5-7fdbd39bb426"].diagnoses
+    # 16 Condition resources and 42 Encounter.reasonCode codings.
+    assert len(diagnoses) == 58
+    assert {d.code_system for d in diagnoses} == {"SNOMED"}
+    assert all(d.encounter_id for d in diagnoses)
 
 
 def test_fhir_keys_match_csv(

@@ -256,10 +256,12 @@ def create_app(engine: Engine, config: Configuration) -> FastAPI:
 
     from carebridge.api.fhir import router as fhir_router
     from carebridge.api.ops import router as ops_router
+    from carebridge.api.procurement import router as procurement_router
     from carebridge.web import router as web_router
 
     app.include_router(fhir_router)
     app.include_router(ops_router)
+    app.include_router(procurement_router)
     app.include_router(web_router)
 
     if settings.cors_origins:

@@ -10,6 +10,10 @@ The folder holds (names fixed, relative to the folder)::
     encounter_class_departments.csv    encounter class / PV1-2 -> department
     supply_items.csv                   item master
     crosswalks/*.csv                   source code -> charge code
+    rules/*.yaml                       versioned business rules (optional)
+    stock_counts.csv                   physical stock counts per location (optional)
+    billing.yaml                       claims master data (optional: no claims without it)
+    diagnosis_crosswalk.csv            SNOMED CT diagnosis -> ICD-10-CM (named in billing.yaml)
 
 Checks across files run after every file has passed its own schema; each
 names the file, line and field of the reference that does not resolve.
@@ -39,6 +43,7 @@ from carebridge.config.loader import (
 from carebridge.config.model import (
     Account,
     ApiSettings,
+    BillingSettings,
     ChargeItem,
     ChargemasterVersion,
     ChargeRules,
@@ -50,10 +55,13 @@ from carebridge.config.model import (
     SigningKey,
     SupplyItem,
 )
+from carebridge.config.rules_loader import load_rules, load_stock_counts
 from carebridge.config.schema import (
     AccountRow,
+    BillingFile,
     CrosswalkRow,
     DepartmentsFile,
+    DiagnosisCrosswalkRow,
     EncounterClassRow,
     MainFile,
     RevenueCodeDepartmentRow,
@@ -105,6 +113,12 @@ def load_configuration(config_dir: Path) -> Configuration:
         config_dir / "crosswalks", chargemaster
     )
     supplies = _load_supplies(config_dir / "supply_items.csv", chargemaster)
+    item_codes = {item.item_code for item in supplies.values()}
+    rule_book = load_rules(config_dir / "rules", item_codes=item_codes, departments=departments)
+    stock_counts = load_stock_counts(
+        config_dir / "stock_counts.csv", item_codes=item_codes, departments=departments
+    )
+    billing = _load_billing(config_dir)
     sources = [
         "carebridge.yaml",
         "accounts.csv",
@@ -114,8 +128,11 @@ def load_configuration(config_dir: Path) -> Configuration:
         "encounter_class_departments.csv",
         "supply_items.csv",
         *crosswalk_files,
+        *(f"rules/{rules.path}" for rules in rule_book.versions),
         str(cdm_path),
     ]
+    if billing is not None:
+        sources += ["billing.yaml", billing.file.diagnosis_crosswalk]
     configuration = Configuration(
         accounts=accounts,
         departments=departments,
@@ -146,6 +163,9 @@ def load_configuration(config_dir: Path) -> Configuration:
         retention=_retention(config_dir, main),
         listeners=listeners,
         api=_api(config_dir, main),
+        billing=billing,
+        rule_book=rule_book,
+        stock_counts=stock_counts,
     )
     logger.info(
         "configuration %s loaded in %.2fs: %d accounts, %d departments, %d chargemaster "
@@ -526,3 +546,33 @@ def _load_supplies(
             implant=value.implant,
         )
     return supplies
+
+
+def _load_billing(config_dir: Path) -> BillingSettings | None:
+    path = config_dir / "billing.yaml"
+    if not path.is_file():
+        logger.info("no billing.yaml in %s: claims are not built", config_dir)
+        return None
+    document = read_yaml(path)
+    billing = validate_yaml(document, BillingFile)
+    crosswalk_path = config_dir / billing.diagnosis_crosswalk
+    if not crosswalk_path.is_file():
+        raise ConfigurationError(
+            f"diagnosis crosswalk {crosswalk_path} not found; paths are relative to "
+            "billing.yaml",
+            path=str(path),
+            line=document.line_of(("diagnosis_crosswalk",)),
+            field="diagnosis_crosswalk",
+        )
+    rows = _rows(crosswalk_path, DiagnosisCrosswalkRow, ("source_system", "source_code"))
+    crosswalk = {
+        (row.value.source_system, row.value.source_code): row.value.icd10cm.replace(".", "")
+        for row in rows
+    }
+    return BillingSettings(
+        file=billing,
+        diagnosis_crosswalk=crosswalk,
+        authorization_required=frozenset(
+            (rule.system, rule.code.upper()) for rule in billing.authorization_required
+        ),
+    )

@@ -11,7 +11,12 @@ from dataclasses import dataclass, field
 from decimal import Decimal
 from enum import StrEnum
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+from carebridge.config.rules import RuleBook, StockCount
+
+if TYPE_CHECKING:
+    from carebridge.config.schema import BillingFile
 
 
 class AccountType(StrEnum):
@@ -219,6 +224,20 @@ class ApiSettings:
 
 
 @dataclass(frozen=True, slots=True)
+class BillingSettings:
+    """Claims master data and rules from billing.yaml.
+
+    ``diagnosis_crosswalk`` maps ``(code system, code)`` to an ICD-10-CM code
+    written without its dot. ``authorization_required`` holds the
+    ``(code system, code)`` of services that need an approved authorization.
+    """
+
+    file: BillingFile
+    diagnosis_crosswalk: dict[tuple[str, str], str]
+    authorization_required: frozenset[tuple[str, str]] = frozenset()
+
+
+@dataclass(frozen=True, slots=True)
 class Configuration:
     """Everything the workflows need from master data and rules."""
 
@@ -242,3 +261,9 @@ class Configuration:
     listeners: tuple[ListenerConfig, ...] = field(default=())
     retention: RetentionPolicy = field(default_factory=RetentionPolicy)
     api: ApiSettings = field(default_factory=ApiSettings)
+    billing: BillingSettings | None = None
+    """``None`` when the folder has no billing.yaml: no claims are built."""
+    rule_book: RuleBook = field(default_factory=RuleBook)
+    """Versions of the business rules from ``rules/*.yaml``, chosen by event date."""
+    stock_counts: tuple[StockCount, ...] = ()
+    """Physical counts from ``stock_counts.csv`` that set stock on hand."""

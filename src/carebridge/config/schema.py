@@ -19,7 +19,8 @@ from carebridge.config.model import (
     DEFAULT_LISTENER_VERSIONS,
     AccountType,
 )
-from carebridge.model.codes import code_system_from
+from carebridge.model.codes import DIAGNOSIS_SYSTEMS, ICD10CM_CODE, code_system_from
+from carebridge.model.identifiers import npi_problem, zip_plus_4_valid
 
 # Beancount account roots, by account type (beancount's default option names).
 LEDGER_ROOTS = {
@@ -73,7 +74,7 @@ class RulesSection(_Strict):
     encounter_wait_hours: int = Field(default=24, ge=0)
 
 
-DELIVERY_KINDS = ("journal", "charge_line")
+DELIVERY_KINDS = ("journal", "charge_line", "supply_issue", "purchase_order")
 """Record kinds the engine enqueues for delivery."""
 
 
@@ -332,6 +333,11 @@ class CrosswalkRow(_Strict):
         system = code_system_from(value)
         if system is None:
             raise ValueError(f"unknown code system {value!r}")
+        if system in DIAGNOSIS_SYSTEMS:
+            raise ValueError(
+                f"{value!r} is a diagnosis code system; services are charged by "
+                "procedure, service, vaccine or drug codes"
+            )
         return system
 
 
@@ -364,3 +370,152 @@ class SupplyItemRow(_Strict):
         if info.data.get("chargeable") and not value:
             raise ValueError("a chargeable supply needs a charge_code")
         return value
+
+
+# --- billing.yaml: claims (837P and 837I) master data ---
+
+X12_ID = r"^[A-Za-z0-9 .-]+$"
+"""Identifiers written into X12 segments: no delimiter characters."""
+X12_TEXT = r"^[A-Za-z0-9 .,'&/()#-]+$"
+"""Names and addresses written into X12 segments: no delimiter characters."""
+
+
+class AddressEntry(_Strict):
+    """A postal address; ``zip`` is the 9-digit ZIP+4 code that 837 billing providers need."""
+
+    line1: str = Field(min_length=1, max_length=55, pattern=X12_TEXT)
+    line2: str | None = Field(default=None, max_length=55, pattern=X12_TEXT)
+    city: str = Field(min_length=2, max_length=30, pattern=X12_TEXT)
+    state: str = Field(pattern=r"^[A-Z]{2}$")
+    zip: str
+
+    @field_validator("zip", mode="before")
+    @classmethod
+    def _zip_plus_4(cls, value: Any) -> Any:
+        text = str(value).replace("-", "") if isinstance(value, (str, int)) else value
+        if not isinstance(text, str) or not zip_plus_4_valid(text):
+            raise ValueError("ZIP code must be ZIP+4: 9 digits, e.g. 021151234 or 02115-1234")
+        return text
+
+
+def _checked_npi(value: Any) -> Any:
+    problem = npi_problem(str(value)) if isinstance(value, (str, int)) else "NPI must be text"
+    if problem:
+        raise ValueError(problem)
+    return str(value)
+
+
+class BillingProviderEntry(_Strict):
+    """The organisation that bills (loop 2010AA): NPI, employer id and address."""
+
+    name: str = Field(min_length=1, max_length=60, pattern=X12_TEXT)
+    npi: str
+    tax_id: str = Field(pattern=r"^\d{9}$")
+    taxonomy: str | None = Field(default=None, pattern=r"^[0-9]{3}[0-9A-Z]{6}X$")
+    address: AddressEntry
+
+    @field_validator("npi", mode="before")
+    @classmethod
+    def _npi_check_digit(cls, value: Any) -> Any:
+        return _checked_npi(value)
+
+
+class PersonProviderEntry(_Strict):
+    """A physician named on claims: the attending provider of 837I loop 2310A."""
+
+    last_name: str = Field(min_length=1, max_length=60, pattern=X12_TEXT)
+    first_name: str = Field(min_length=1, max_length=35, pattern=X12_TEXT)
+    npi: str
+
+    @field_validator("npi", mode="before")
+    @classmethod
+    def _npi_check_digit(cls, value: Any) -> Any:
+        return _checked_npi(value)
+
+
+class PartyEntry(_Strict):
+    """The submitter or receiver of an interchange: name and the id it is known by."""
+
+    name: str = Field(min_length=1, max_length=60, pattern=X12_TEXT)
+    id: str = Field(min_length=2, max_length=15, pattern=X12_ID)
+
+
+class SubmitterEntry(PartyEntry):
+    """The submitter (loop 1000A) and its EDI contact."""
+
+    contact_name: str = Field(min_length=1, max_length=60, pattern=X12_TEXT)
+    contact_phone: str = Field(pattern=r"^\d{10}$")
+
+
+class PayerEntry(_Strict):
+    """The payer claims are sent to (loop 2010BB); ``claim_filing_indicator`` is SBR09."""
+
+    name: str = Field(min_length=1, max_length=60, pattern=X12_TEXT)
+    payer_id: str = Field(min_length=2, max_length=80, pattern=X12_ID)
+    claim_filing_indicator: Literal[
+        "11", "12", "13", "14", "15", "16", "17", "AM", "BL", "CH", "CI", "DS",
+        "FI", "HM", "LM", "MA", "MB", "MC", "OF", "TV", "VA", "WC", "ZZ",
+    ] = "CI"
+
+
+class InstitutionalClassEntry(_Strict):
+    """The 837I settings of one encounter class: facility type code and CL1 codes."""
+
+    facility_type_code: str = Field(pattern=r"^\d{2}$")
+    admission_type_code: str = Field(pattern=r"^\d$")
+    admission_source_code: str = Field(pattern=r"^[0-9A-Z]$")
+    patient_status_code: str = Field(pattern=r"^\d{2}$")
+    inpatient: bool
+
+
+class AuthorizationRuleEntry(_Strict):
+    """A service that needs an approved authorization before it is billed."""
+
+    system: Literal["CPT", "HCPCS", "CDM"]
+    code: str = Field(min_length=1)
+    note: str | None = None
+
+
+class BillingFile(_Strict):
+    """billing.yaml: parties, provider master data and claim rules."""
+
+    version: str = Field(min_length=1)
+    effective_from: dt.date
+    usage_indicator: Literal["T", "P"] = "T"
+    submitter: SubmitterEntry
+    receiver: PartyEntry
+    payer: PayerEntry
+    billing_provider: BillingProviderEntry
+    attending_provider: PersonProviderEntry
+    default_place_of_service: str = Field(default="11", pattern=r"^\d{2}$")
+    place_of_service_by_class: dict[str, str] = Field(default_factory=dict)
+    institutional_classes: dict[str, InstitutionalClassEntry] = Field(default_factory=dict)
+    diagnosis_crosswalk: str = Field(default="diagnosis_crosswalk.csv", min_length=1)
+    authorization_required: list[AuthorizationRuleEntry] = Field(default_factory=list)
+
+    @field_validator("place_of_service_by_class")
+    @classmethod
+    def _place_codes(cls, value: dict[str, str]) -> dict[str, str]:
+        for encounter_class, code in value.items():
+            if not re.match(r"^\d{2}$", str(code)):
+                raise ValueError(
+                    f"place of service {code!r} for {encounter_class} must be 2 digits"
+                )
+        return value
+
+
+class DiagnosisCrosswalkRow(_Strict):
+    """A row of the diagnosis crosswalk: a source code and its ICD-10-CM code."""
+
+    source_system: str
+    source_code: str = Field(min_length=1)
+    icd10cm: str = Field(pattern=ICD10CM_CODE)
+    note: str | None = None
+
+    @field_validator("source_system")
+    @classmethod
+    def _known_system(cls, value: str) -> str:
+        system = code_system_from(value)
+        if system is None:
+            raise ValueError(f"unknown code system {value!r}")
+        return system

@@ -8,7 +8,7 @@ A new type is therefore added by registering it here, and neither changes.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any, Protocol
@@ -67,6 +67,19 @@ class Destination(Protocol):
         ...
 
 
+class BatchDestination(Destination, Protocol):
+    """A destination that takes a whole claim in one call.
+
+    The engine calls :meth:`send_batch` instead of :meth:`send` when a
+    destination has it, for systems where each call costs far more than
+    each record in it (Tryton's JSON-RPC).
+    """
+
+    def send_batch(self, outbounds: Sequence[Outbound]) -> list[SendResult]:
+        """Deliver ``outbounds`` and return one result per delivery, in order."""
+        ...
+
+
 @dataclass(frozen=True, slots=True)
 class DestinationType:
     """A kind of destination: its settings model and how to build one."""
@@ -100,8 +113,11 @@ def _register_builtins() -> None:
     global _BUILTINS_LOADED
     if _BUILTINS_LOADED:
         return
-    from carebridge.destinations import http
-    from carebridge.destinations import mllp  # noqa: F401 - registers itself
+    from carebridge.destinations import (
+        http,
+        mllp,  # noqa: F401 - registers itself
+        tryton,  # noqa: F401 - registers itself
+    )
 
     register(DestinationType("http", http.HttpSettings, http.HttpDestination.build))
     _BUILTINS_LOADED = True

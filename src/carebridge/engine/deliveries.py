@@ -9,7 +9,8 @@ moment when one exists without the other. A worker pass
 2. claims a batch of due deliveries in one short transaction, marking them
    ``in_flight`` under a lease (owner, token, expiry). PostgreSQL skips rows
    another worker holds (``FOR UPDATE SKIP LOCKED``); SQLite has one writer;
-3. sends each one with no transaction open;
+3. sends each one with no transaction open (a destination that has
+   ``send_batch`` gets the whole claim in one call);
 4. records each result in a new short transaction, only if the lease token
    is still the one it claimed with.
 
@@ -36,13 +37,14 @@ from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, fields
 from decimal import Decimal
-from typing import Any
+from typing import Any, cast
 
 from sqlalchemy import Connection, Engine, and_, func, insert, or_, select, update
 from sqlalchemy.exc import IntegrityError
 
 from carebridge.config.model import Configuration, DestinationConfig
 from carebridge.destinations.registry import (
+    BatchDestination,
     Destination,
     Outbound,
     SendResult,
@@ -54,6 +56,7 @@ from carebridge.store.schema import (
     destination_states,
     journal_lines,
     journals,
+    supply_issues,
 )
 
 log = logging.getLogger(__name__)
@@ -276,6 +279,67 @@ def enqueue_journals(
             key = idempotency_key(target.name, "journal", record_key)
             created.append(
                 enqueue(conn, target.name, "journal", journal_id, key, payload, now=now)
+            )
+    return created
+
+
+def supply_issue_payloads(conn: Connection, issue_ids: Iterable[int]) -> dict[int, dict]:
+    """Return the delivery payload of each supply issue: item, quantity, cost, date.
+
+    The payload names the issue, its journal and its message by id only;
+    the usage key (which contains the encounter id) stays in carebridge.
+    """
+    ids = sorted(set(issue_ids))
+    payloads: dict[int, dict] = {}
+    for chunk in _chunks(ids):
+        rows = conn.execute(
+            select(supply_issues).where(supply_issues.c.id.in_(chunk))
+        ).mappings()
+        for row in rows:
+            payloads[row["id"]] = {
+                "kind": "supply_issue",
+                "issue": {
+                    "id": row["id"],
+                    "item_code": row["item_code"],
+                    "quantity": str(row["quantity"]),
+                    "unit_cost": str(row["unit_cost"]),
+                    "total_cost": _amount(row["total_cost"]),
+                    "currency": row["currency"],
+                    "service_date": row["service_date"].isoformat(),
+                    "department": row["department"],
+                    "expense_account": row["expense_account"],
+                    "inventory_account": row["inventory_account"],
+                    "journal_id": row["journal_id"],
+                    "source_message_id": row["source_message_id"],
+                },
+            }
+    return payloads
+
+
+def enqueue_supply_issues(
+    conn: Connection,
+    config: Configuration,
+    issue_ids: Iterable[int],
+    *,
+    now: dt.datetime | None = None,
+) -> list[int]:
+    """Enqueue each supply issue for every destination whose ``kinds`` has ``supply_issue``.
+
+    Call inside the posting transaction, after the issues are journaled, so
+    that an ERP receives the stock movement together with its journal.
+
+    Returns:
+        The delivery ids, in issue then destination order.
+    """
+    targets = [d for d in config.destinations if "supply_issue" in d.kinds]
+    if not targets:
+        return []
+    created: list[int] = []
+    for issue_id, payload in sorted(supply_issue_payloads(conn, issue_ids).items()):
+        for target in targets:
+            key = idempotency_key(target.name, "supply_issue", str(issue_id))
+            created.append(
+                enqueue(conn, target.name, "supply_issue", issue_id, key, payload, now=now)
             )
     return created
 
@@ -761,6 +825,12 @@ def _run_destination(
         _return_trial(engine, destination.name, clock())
     sender = build_destination(destination) if claims else None
     counts: Counter[str] = Counter(claimed=len(claims))
+    if claims and hasattr(sender, "send_batch"):
+        batch_sender = cast(BatchDestination, sender)
+        counts.update(
+            _run_batch(engine, destination, batch_sender, claims, clock=clock, rng=rng)
+        )
+        return DeliveryPassResult(**counts)
     for index, item in enumerate(claims):
         if clock() >= item.lease_until:
             # Too late to send under this lease: another worker may hold it.
@@ -774,6 +844,76 @@ def _run_destination(
             counts["released"] += release(engine, claims[index + 1 :])
             break
     return DeliveryPassResult(**counts)
+
+
+def _send_batch(sender: BatchDestination, items: Sequence[Claim]) -> list[SendResult]:
+    try:
+        results = list(sender.send_batch([item.outbound() for item in items]))
+    except Exception as exc:  # a destination bug must not kill the worker
+        log.exception(
+            "destination failed with an unexpected error",
+            extra={
+                "action": "delivery_error",
+                "destination": items[0].destination,
+                "deliveries": len(items),
+            },
+        )
+        results = []
+        detail = f"unexpected error {type(exc).__name__}"
+    else:
+        detail = "the destination returned no result for this delivery"
+    if len(results) != len(items):
+        results = [SendResult(Verdict.RETRY, detail)] * len(items)
+    return results
+
+
+def _run_batch(
+    engine: Engine,
+    destination: DestinationConfig,
+    sender: BatchDestination,
+    claims: Sequence[Claim],
+    *,
+    clock: _Clock,
+    rng: random.Random | None,
+) -> Counter[str]:
+    """Send all ``claims`` in one ``send_batch`` call, then record each result.
+
+    A destination that implements ``send_batch`` (for example Tryton, where
+    each JSON-RPC call has a fixed cost of tens of milliseconds) receives
+    the whole claim at once. Every result that is not a retry is recorded even after the
+    circuit opens, because the destination has already acted on it. The
+    retries left when the circuit opens are released unsent, as in the
+    one-by-one path, so one outage does not spend an attempt of each.
+    """
+    counts: Counter[str] = Counter()
+    if clock() >= claims[0].lease_until:
+        counts["released"] += release(engine, claims)
+        return counts
+    results: dict[int, SendResult] = {}
+    to_send: list[Claim] = []
+    for item in claims:
+        exhausted = _lease_exhausted(destination, item)
+        if exhausted is not None:
+            results[item.delivery_id] = exhausted
+        else:
+            to_send.append(item)
+    if to_send:
+        sent = _send_batch(sender, to_send)
+        results.update(zip((item.delivery_id for item in to_send), sent, strict=True))
+    names = {DELIVERED: "delivered", PENDING: "retried", DEAD: "dead", None: "lost"}
+    unsent: list[Claim] = []
+    circuit_open = False
+    for item in claims:
+        result = results[item.delivery_id]
+        if circuit_open and result.verdict is Verdict.RETRY:
+            unsent.append(item)
+            continue
+        outcome = record(engine, destination, item, result, now=clock(), rng=rng)
+        counts[names[outcome.state]] += 1
+        circuit_open = circuit_open or outcome.circuit != CLOSED
+    if unsent:
+        counts["released"] += release(engine, unsent)
+    return counts
 
 
 def run_deliveries(

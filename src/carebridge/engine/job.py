@@ -20,6 +20,8 @@ from typing import Any
 
 from sqlalchemy import Connection, Engine, func, insert, select
 
+from carebridge.claims.outputs import claims_summary, write_claim_files
+from carebridge.claims.step import run_claims
 from carebridge.config.model import Configuration
 from carebridge.destinations.ledger import (
     check_beancount,
@@ -39,6 +41,7 @@ from carebridge.store.schema import (
     supply_issues,
     work_items,
 )
+from carebridge.workflows.steps import run_workflow_steps
 
 log = logging.getLogger(__name__)
 
@@ -120,7 +123,10 @@ def run_job(
             progress("process", done, pending)
 
     process_pending(engine, config, as_of=options.as_of, run_id=run_id, progress=on_batch)
+    # Stock, authorizations and procurement read what processing stored.
+    run_workflow_steps(engine, config, as_of=options.as_of, until_idle=True)
     posting = post_journals(engine, config)
+    run_claims(engine, config, run_id=run_id)
     outputs = write_outputs(engine, config, options.out_dir) if options.out_dir else {}
 
     elapsed = time.perf_counter() - started
@@ -249,11 +255,12 @@ def summarize(
             "ledger_balanced": all_balanced,
         },
         "work_items": {"total": sum(by_reason.values()), "by_reason": by_reason},
+        "claims": claims_summary(conn, run_id),
     }
 
 
 def write_outputs(engine: Engine, config: Configuration, out_dir: Path) -> dict[str, Path]:
-    """Write the journal CSV, beancount ledger, charges and work items to ``out_dir``."""
+    """Write the journal CSV, beancount ledger, charges, work items and claims to ``out_dir``."""
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = {
         "journal_csv": out_dir / "journal_lines.csv",
@@ -266,6 +273,9 @@ def write_outputs(engine: Engine, config: Configuration, out_dir: Path) -> dict[
         write_beancount(conn, config, paths["beancount"])
         _write_table(conn, charge_lines, paths["charges_csv"])
         _write_table(conn, work_items, paths["work_items_csv"])
+        if config.billing is not None:
+            paths["claims_dir"] = out_dir / "claims"
+            write_claim_files(conn, paths["claims_dir"])
     return paths
 
 

@@ -12,11 +12,12 @@ import logging
 from collections import defaultdict
 from dataclasses import dataclass
 
-from sqlalchemy import Connection, Engine, func, insert, select, text
+from sqlalchemy import Connection, Engine, Table, func, select, text
 
 from carebridge.config.model import Configuration
 from carebridge.destinations.dft import enqueue_charge_lines
-from carebridge.engine.deliveries import enqueue_journals
+from carebridge.engine.batch_write import insert_returning_ids, insert_rows
+from carebridge.engine.deliveries import enqueue_journals, enqueue_supply_issues
 from carebridge.errors import StoreError
 from carebridge.store.schema import charge_lines, journal_lines, journals, supply_issues
 from carebridge.workflows.journals import (
@@ -31,6 +32,8 @@ log = logging.getLogger(__name__)
 # Any constant works; it only has to be the same in every carebridge process
 # and differ from the worker's posting lock.
 _SLICE_LOCK = 0x736C6963
+
+_LINES_PER_INSERT = 2000
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,52 +101,58 @@ def _post_slice(engine: Engine, config: Configuration, limit: int) -> PostingRes
         drafts = build_journals(postings, config)
         batch = (conn.execute(select(func.max(journals.c.posting_batch))).scalar() or 0) + 1
         now = dt.datetime.now(dt.UTC)
+        journal_ids = insert_returning_ids(conn, journals, [
+            {
+                "journal_key": (
+                    f"{batch}:{draft.posting_date.isoformat()}:"
+                    f"{draft.department}:{draft.currency}"
+                ),
+                "posting_batch": batch,
+                "posting_date": draft.posting_date,
+                "department": draft.department,
+                "cost_center": draft.cost_center,
+                "currency": draft.currency,
+                "total_debit": draft.total_debit,
+                "total_credit": draft.total_credit,
+                "created_at": now,
+            }
+            for draft in drafts
+        ])
+        # Lines go in a few thousand at a time, so memory does not grow with
+        # the slice.
         line_count = 0
-        journal_ids: list[int] = []
-        for draft in drafts:
-            journal_id = conn.execute(
-                insert(journals).values(
-                    journal_key=(
-                        f"{batch}:{draft.posting_date.isoformat()}:"
-                        f"{draft.department}:{draft.currency}"
-                    ),
-                    posting_batch=batch,
-                    posting_date=draft.posting_date,
-                    department=draft.department,
-                    cost_center=draft.cost_center,
-                    currency=draft.currency,
-                    total_debit=draft.total_debit,
-                    total_credit=draft.total_credit,
-                    created_at=now,
-                )
-            ).inserted_primary_key[0]
-            journal_ids.append(journal_id)
-            conn.execute(
-                insert(journal_lines),
-                [
-                    {
-                        "journal_id": journal_id,
-                        "line_no": number,
-                        "account": line.account,
-                        "debit": line.debit,
-                        "credit": line.credit,
-                        "cost_center": draft.cost_center,
-                        "source_kind": line.source_kind,
-                        "source_record_id": line.source_record_id,
-                        "source_key": line.source_key,
-                        "source_message_id": line.source_message_id,
-                    }
-                    for number, line in enumerate(draft.lines, start=1)
-                ],
-            )
-            line_count += len(draft.lines)
-            _mark_journaled(conn, draft, journal_id)
+        lines: list[dict[str, object]] = []
+        for draft, journal_id in zip(drafts, journal_ids, strict=True):
+            lines += [
+                {
+                    "journal_id": journal_id,
+                    "line_no": number,
+                    "account": line.account,
+                    "debit": line.debit,
+                    "credit": line.credit,
+                    "cost_center": draft.cost_center,
+                    "source_kind": line.source_kind,
+                    "source_record_id": line.source_record_id,
+                    "source_key": line.source_key,
+                    "source_message_id": line.source_message_id,
+                }
+                for number, line in enumerate(draft.lines, start=1)
+            ]
+            if len(lines) >= _LINES_PER_INSERT:
+                insert_rows(conn, journal_lines, lines)
+                line_count += len(lines)
+                lines = []
+        insert_rows(conn, journal_lines, lines)
+        line_count += len(lines)
+        _mark_journaled(conn, drafts, journal_ids)
         # The outbox rows commit with the journals, so every journal is
         # promised to each destination exactly when it exists.
         enqueue_journals(conn, config, journal_ids, now=now)
         # Billing systems get each charge line once it is journaled, in the
         # same transaction, so a charge is never billed without its journal.
         enqueue_charge_lines(conn, config, [row["id"] for row in charges], now=now)
+        # Stock systems get each supply issue with the journal that costs it.
+        enqueue_supply_issues(conn, config, [row["id"] for row in issues], now=now)
     log.info(
         "journals posted",
         extra={"action": "journals_posted", "batch": batch, "journals": len(drafts),
@@ -152,22 +161,50 @@ def _post_slice(engine: Engine, config: Configuration, limit: int) -> PostingRes
     return PostingResult(batch=batch, journals=len(drafts), lines=line_count)
 
 
-def _mark_journaled(conn: Connection, draft: JournalDraft, journal_id: int) -> None:
-    ids: dict[str, set[int]] = defaultdict(set)
-    for line in draft.lines:
-        ids[line.source_kind].add(line.source_record_id)
+def _mark_journaled(conn: Connection, drafts: list[JournalDraft],
+                    journal_ids: list[int]) -> None:
+    """Set ``journal_id`` on every record the drafts post, one statement per table.
+
+    Raises:
+        StoreError: a record was journaled by another posting pass meanwhile.
+    """
+    journal_of: dict[str, dict[int, int]] = defaultdict(dict)
+    for draft, journal_id in zip(drafts, journal_ids, strict=True):
+        for line in draft.lines:
+            journal_of[line.source_kind][line.source_record_id] = journal_id
     tables = {"charge": charge_lines, "supply": supply_issues}
-    for kind, record_ids in ids.items():
+    for kind, records in journal_of.items():
         table = tables[kind]
-        marked = conn.execute(
+        marked = _set_journal_ids(conn, table, records)
+        if marked != len(records):
+            # Another posting pass journaled some of these records after this
+            # one read them; raising rolls this whole pass back.
+            raise StoreError(
+                f"{len(records) - marked} {kind} records were journaled by a "
+                "concurrent posting pass; run posting again"
+            )
+
+
+def _set_journal_ids(conn: Connection, table: Table, records: dict[int, int]) -> int:
+    """Set ``journal_id`` of each record still without one; return how many were set."""
+    if conn.dialect.name == "postgresql":
+        return conn.execute(
+            text(
+                f"UPDATE {table.name} SET journal_id = posted.journal_id "
+                "FROM unnest(CAST(:ids AS integer[]), CAST(:journal_ids AS integer[])) "
+                f"AS posted(id, journal_id) WHERE {table.name}.id = posted.id "
+                f"AND {table.name}.journal_id IS NULL"
+            ),
+            {"ids": list(records), "journal_ids": list(records.values())},
+        ).rowcount
+    by_journal: dict[int, list[int]] = defaultdict(list)
+    for record_id, journal_id in records.items():
+        by_journal[journal_id].append(record_id)
+    marked = 0
+    for journal_id, record_ids in by_journal.items():
+        marked += conn.execute(
             table.update()
             .where(table.c.id.in_(sorted(record_ids)), table.c.journal_id.is_(None))
             .values(journal_id=journal_id)
         ).rowcount
-        if marked != len(record_ids):
-            # Another posting pass journaled some of these records after this
-            # one read them; raising rolls this whole pass back.
-            raise StoreError(
-                f"{len(record_ids) - marked} {kind} records were journaled by a "
-                "concurrent posting pass; run posting again"
-            )
+    return marked

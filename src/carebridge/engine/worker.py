@@ -1,4 +1,4 @@
-"""The worker loop: process messages, post journals, deliver, until stopped.
+"""The worker loop: process messages, post journals, build claims, deliver, until stopped.
 
 Any number of workers, in one process or on many hosts, can share one
 PostgreSQL database: message batches are claimed by lane with SKIP LOCKED,
@@ -28,6 +28,7 @@ from types import FrameType
 from sqlalchemy import Engine, text
 from sqlalchemy.exc import SQLAlchemyError
 
+from carebridge.claims.step import run_claims
 from carebridge.config.model import Configuration
 from carebridge.engine.deliveries import run_deliveries
 from carebridge.engine.intake import store_inputs
@@ -38,6 +39,7 @@ from carebridge.engine.waits import resume_waits
 from carebridge.errors import StoreError
 from carebridge.ingest.files.sources import split_path
 from carebridge.workflows.charge_capture import ChargeCapture
+from carebridge.workflows.steps import run_workflow_steps
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +63,7 @@ class WorkerStats:
     delivered: int = 0
     errors: int = 0
     files: int = 0
+    claims_released: int = 0
 
 
 @dataclass(slots=True)
@@ -72,6 +75,8 @@ class WorkerOptions:
     post_every_seconds: float = 2.0
     deliver: bool = True
     inbox: Path | None = None
+    claims_every_seconds: float = 60.0
+    recheck_held_after: dt.timedelta = dt.timedelta(minutes=5)
     owner: str = field(default_factory=worker_id)
 
 
@@ -85,6 +90,7 @@ class Worker:
         self.stats = WorkerStats()
         self._stopping = threading.Event()
         self._last_post = 0.0
+        self._last_claims = 0.0
         self._dirty = False
 
     def stop(self, *_args: object) -> None:
@@ -147,6 +153,8 @@ class Worker:
             self.stats.batches += 1
         resumed = resume_waits(self.engine, self.config)
         busy = busy or bool(resumed.charged or resumed.work_items or resumed.expired)
+        # Stock, authorizations and procurement read what processing stored.
+        busy = run_workflow_steps(self.engine, self.config).busy or busy
         posted = self._post(idle=not processed + failed)
         if self.options.deliver and self.config.destinations:
             result = run_deliveries(self.engine, self.config, owner=self.options.owner)
@@ -186,6 +194,7 @@ class Worker:
                         return False
                 try:
                     result = post_journals(self.engine, self.config)
+                    self._claims(posted=result.journals > 0, final=wait)
                 finally:
                     if conn.dialect.name == "postgresql":
                         conn.execute(text("SELECT pg_advisory_unlock(:key)"),
@@ -198,6 +207,27 @@ class Worker:
         self._dirty = False
         self.stats.journals += result.journals
         return result.journals > 0
+
+    def _claims(self, *, posted: bool, final: bool) -> None:
+        """Run the claims step after posting, while holding the posting lock.
+
+        It runs when journals were posted, before the worker exits, and every
+        ``claims_every_seconds`` so that held claims are checked again.
+        """
+        now = time.monotonic()
+        if not (posted or final or now - self._last_claims >= self.options.claims_every_seconds):
+            return
+        self._last_claims = now
+        try:
+            result = run_claims(self.engine, self.config,
+                                recheck_held_after=self.options.recheck_held_after)
+        except SQLAlchemyError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - claims must not stop posting and deliveries
+            log.error("claims step failed", extra={"action": "claims_failed",
+                                                   "error_type": type(exc).__name__})
+            return
+        self.stats.claims_released += result.released
 
     def _take_inbox(self) -> bool:
         """Store files dropped in the inbox, then move each to ``done/``.

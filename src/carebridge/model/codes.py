@@ -13,6 +13,11 @@ HCPCS = "HCPCS"
 CVX = "CVX"
 RXNORM = "RXNORM"
 NDC = "NDC"
+ICD10CM = "ICD10CM"
+ICD9CM = "ICD9CM"
+DIAGNOSIS_SYSTEMS = frozenset({ICD10CM, ICD9CM})
+ICD10CM_CODE = r"^[A-Z][0-9][0-9A-Z](\.?[0-9A-Z]{1,4})?$"
+"""Shape of an ICD-10-CM code, with or without its dot (``J02.9``, ``J029``)."""
 LOCAL = "LOCAL"
 CDM = "CDM"
 """Not an external system: the code is already a house chargemaster code."""
@@ -39,6 +44,17 @@ _ALIASES = {
     "rxnorm": RXNORM,
     "http://hl7.org/fhir/sid/ndc": NDC,
     "ndc": NDC,
+    "http://hl7.org/fhir/sid/icd-10-cm": ICD10CM,
+    "icd10cm": ICD10CM,
+    "icd-10-cm": ICD10CM,
+    "i10": ICD10CM,  # HL7 table 0396: ICD-10
+    "i10c": ICD10CM,  # HL7 table 0396: ICD-10-CM
+    "icd10": ICD10CM,
+    "http://hl7.org/fhir/sid/icd-9-cm": ICD9CM,
+    "i9": ICD9CM,
+    "i9c": ICD9CM,
+    "icd9": ICD9CM,
+    "icd9cm": ICD9CM,
     "local": LOCAL,
     "l": LOCAL,
     "99zzz": LOCAL,

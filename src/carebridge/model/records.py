@@ -132,6 +132,22 @@ class Service:
 
 
 @dataclass(frozen=True, slots=True)
+class Diagnosis:
+    """A condition documented for an encounter, in the code system it was sent in.
+
+    Sources: Synthea encounter and procedure ``REASONCODE``, FHIR Condition
+    (``Condition.encounter``) and ``Encounter.reasonCode``, HL7 DG1. The
+    first diagnosis a source names for an encounter is its primary one.
+    """
+
+    encounter_id: str
+    code_system: str
+    code: str
+    source_message_id: int
+    description: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class SupplyUse:
     """A supply item consumed for a patient (Synthea supplies, SupplyDelivery)."""
 
@@ -200,6 +216,7 @@ class CanonicalBatch:
     encounters: list[Encounter] = field(default_factory=list)
     services: list[Service] = field(default_factory=list)
     supplies: list[SupplyUse] = field(default_factory=list)
+    diagnoses: list[Diagnosis] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     ignored: dict[str, int] = field(default_factory=dict)
 

@@ -536,3 +536,268 @@ encounter to be registered (``kind`` ``encounter``, ``wait_key`` the
 encounter id) until ``deadline``. ``payload`` is the service as received, so
 the step resumes from stored state alone. A waiting row costs one index
 entry; it is looked at only when its encounter arrives or its time is up."""
+
+claims = Table(
+    "claims",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("encounter_id", String(100), nullable=False),
+    Column("version", Integer, nullable=False),
+    Column("patient_id", String(100), nullable=False),
+    Column("kind", String(4), nullable=False),
+    Column("frequency_code", String(1), nullable=False),
+    Column("state", String(20), nullable=False),
+    Column("claim_reference", String(30), nullable=True),
+    Column("patient_control_number", String(38), nullable=False),
+    Column("replaces_claim_id", Integer, ForeignKey("claims.id"), nullable=True),
+    Column("original_reference", String(30), nullable=True),
+    Column("total", DecimalText, nullable=False),
+    Column("currency", String(3), nullable=False),
+    Column("charge_line_count", Integer, nullable=False),
+    Column("diagnosis_codes", Text, nullable=True),
+    Column("hold_reasons", Text, nullable=True),
+    Column("validation_errors", Text, nullable=True),
+    Column("x12", Text, nullable=True),
+    Column("interchange_control_number", Integer, nullable=True),
+    Column("message_id", Integer, ForeignKey("messages.id"), nullable=False),
+    Column("run_id", Integer, nullable=True),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    Column("checked_at", DateTime(timezone=True), nullable=False),
+    Column("validated_at", DateTime(timezone=True), nullable=True),
+    Column("released_at", DateTime(timezone=True), nullable=True),
+    Column("replaced_at", DateTime(timezone=True), nullable=True),
+    UniqueConstraint("encounter_id", "version", name="uq_claims_encounter_version"),
+    Index("ix_claims_state", "state"),
+)
+"""One row per claim of an encounter: version 1 is the original (frequency
+code 1), each later version a replacement (frequency code 7) of the one
+before, which ``replaces_claim_id`` names and ``original_reference`` quotes
+as REF*F8.
+
+``state`` is ``held`` (``hold_reasons`` lists the reason codes, each an open
+work item on subject ``claim:{encounter_id}``), ``ready`` (passed the
+readiness check, not yet validated and released), ``released`` (``x12`` is
+the validated interchange) or ``replaced`` (a later version superseded it).
+``charge_line_count`` is how many charge lines of the encounter the claim
+covers, so that a late charge or credit is noticed. ``message_id`` is the
+message that last updated the encounter; work items name it.
+"""
+
+claim_lines = Table(
+    "claim_lines",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("claim_id", Integer, ForeignKey("claims.id"), nullable=False),
+    Column("line_no", Integer, nullable=False),
+    Column("procedure_code", String(20), nullable=True),
+    Column("revenue_code", String(4), nullable=False),
+    Column("units", DecimalText, nullable=False),
+    Column("amount", DecimalText, nullable=False),
+    Column("service_date", Date, nullable=False),
+    Column("charge_line_ids", Text, nullable=False),
+    UniqueConstraint("claim_id", "line_no", name="uq_claim_lines_claim_line"),
+)
+"""Service lines of a claim: the charge lines (``charge_line_ids``,
+comma-separated) of one procedure code, revenue code and date, summed, so
+that a credit nets against its charge."""
+
+# --- Rules, stock, authorizations and procurement ---
+
+rule_versions = Table(
+    "rule_versions",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("version", String(60), nullable=False),
+    Column("effective_from", Date, nullable=False),
+    Column("digest", String(80), nullable=False),
+    Column("path", String(300), nullable=False),
+    Column("first_seen_at", DateTime(timezone=True), nullable=False),
+    UniqueConstraint("version", "digest", name="uq_rule_versions_version_digest"),
+)
+"""Each rule version (``rules/*.yaml``) a process ran with, recorded the first
+time one saw it; the audit log has a ``rules.loaded`` row for each."""
+
+workflow_cursors = Table(
+    "workflow_cursors",
+    metadata,
+    Column("step", String(40), primary_key=True),
+    Column("last_message_id", Integer, nullable=False),
+    Column("updated_at", DateTime(timezone=True), nullable=False),
+)
+"""How far a workflow step that reads stored messages again has read: every
+processed message up to ``last_message_id`` has been read by it."""
+
+workflow_marks = Table(
+    "workflow_marks",
+    metadata,
+    Column("step", String(40), primary_key=True),
+    Column("message_id", Integer, ForeignKey("messages.id"), primary_key=True),
+)
+"""Messages past a step's cursor that the step has read already. Messages
+are processed out of id order across lanes, so the cursor only moves over a
+run of read messages; the marks behind it are deleted."""
+
+authorizations = Table(
+    "authorizations",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("auth_key", String(300), nullable=False, unique=True),
+    Column("request_key", String(300), nullable=True),
+    Column("source", String(40), nullable=False),
+    Column("status", String(20), nullable=False),
+    Column("patient_id", String(100), nullable=True),
+    Column("code_system", String(20), nullable=True),
+    Column("code", String(60), nullable=True),
+    Column("units", DecimalText, nullable=True),
+    Column("valid_from", Date, nullable=True),
+    Column("valid_to", Date, nullable=True),
+    Column("reference", String(120), nullable=True),
+    Column("source_message_id", Integer, ForeignKey("messages.id"), nullable=False),
+    Column("updated_message_id", Integer, ForeignKey("messages.id"), nullable=False),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    Column("updated_at", DateTime(timezone=True), nullable=False),
+    Index("ix_authorizations_patient_code", "patient_id", "code_system", "code"),
+    Index("ix_authorizations_request_key", "request_key"),
+)
+"""Authorizations and referrals for one service code each (FHIR
+ServiceRequest, preauthorization Claim and ClaimResponse, HL7 REF^I12).
+``status`` is pending, approved, denied or cancelled; ``valid_to`` is the last
+day covered. ``request_key`` groups the records one request created, so
+that its decision updates them all."""
+
+scheduled_services = Table(
+    "scheduled_services",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("appointment_key", String(300), nullable=False, unique=True),
+    Column("patient_id", String(100), nullable=False),
+    Column("code_system", String(20), nullable=False),
+    Column("code", String(60), nullable=False),
+    Column("scheduled_on", Date, nullable=False),
+    Column("status", String(40), nullable=True),
+    Column("authorization_status", String(20), nullable=True),
+    Column("message_id", Integer, ForeignKey("messages.id"), nullable=False),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+)
+"""Services booked by SIU^S12, with the authorization status found for each
+when it was booked (``None`` when the service needs no authorization)."""
+
+stock_levels = Table(
+    "stock_levels",
+    metadata,
+    Column("location", String(40), primary_key=True),
+    Column("item_code", String(60), primary_key=True),
+    Column("on_hand", DecimalText, nullable=False),
+    Column("updated_at", DateTime(timezone=True), nullable=False),
+)
+"""Stock on hand of each item at each location: the sum of its stock moves."""
+
+goods_receipts = Table(
+    "goods_receipts",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("receipt_key", String(300), nullable=False, unique=True),
+    Column("purchase_order_id", Integer, ForeignKey("purchase_orders.id"), nullable=False),
+    Column("quantity", DecimalText, nullable=False),
+    Column("lot_number", String(60), nullable=True),
+    Column("received_on", Date, nullable=False),
+    Column("received_by", String(120), nullable=False),
+    Column("message_id", Integer, ForeignKey("messages.id"), nullable=False),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+)
+"""Goods received against a purchase order; each adds a stock move."""
+
+stock_moves = Table(
+    "stock_moves",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("move_key", String(300), nullable=False, unique=True),
+    Column("location", String(40), nullable=False),
+    Column("item_code", String(60), nullable=False),
+    Column("kind", String(20), nullable=False),
+    Column("quantity", DecimalText, nullable=False),
+    Column("on_hand_after", DecimalText, nullable=False),
+    Column("moved_on", Date, nullable=False),
+    Column("supply_issue_id", Integer, ForeignKey("supply_issues.id"), nullable=True),
+    Column("goods_receipt_id", Integer, ForeignKey("goods_receipts.id"), nullable=True),
+    Column("message_id", Integer, ForeignKey("messages.id"), nullable=True),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    Index("ix_stock_moves_supply_issue", "supply_issue_id"),
+)
+"""Changes of stock on hand, signed: a count (the difference it makes), an
+issue (negative) or a goods receipt. The unique ``move_key`` (``count:``,
+``issue:{supply issue id}``, ``receipt:{goods receipt id}``) makes a second
+move for the same event impossible."""
+
+procurement_requests = Table(
+    "procurement_requests",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("request_key", String(300), nullable=False, unique=True),
+    Column("origin", String(20), nullable=False),
+    Column("department", String(40), nullable=False),
+    Column("location", String(40), nullable=False),
+    Column("category", String(60), nullable=False),
+    Column("supplier", String(60), nullable=True),
+    Column("item_code", String(60), nullable=False),
+    Column("quantity", DecimalText, nullable=False),
+    Column("unit_cost", DecimalText, nullable=False),
+    Column("amount", DecimalText, nullable=False),
+    Column("currency", String(3), nullable=False),
+    Column("requested_on", Date, nullable=False),
+    Column("needed_by", Date, nullable=True),
+    Column("requested_by", String(120), nullable=False),
+    Column("note", Text, nullable=True),
+    Column("status", String(20), nullable=False),
+    Column("rule_version", String(60), nullable=False),
+    Column("message_id", Integer, ForeignKey("messages.id"), nullable=False),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    Column("updated_at", DateTime(timezone=True), nullable=False),
+    Index("ix_procurement_requests_open", "location", "item_code", "status"),
+)
+"""Requests to buy: from a department (API) or a par-level signal.
+``status`` is ``approving``, ``on_hold`` (a work item must be resolved
+first), ``approved``, ``rejected``, ``ordered`` or ``received``. The message
+is the stored API request, or the supply usage whose issue fell below par."""
+
+approvals = Table(
+    "approvals",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("request_id", Integer, ForeignKey("procurement_requests.id"), nullable=False),
+    Column("step_no", Integer, nullable=False),
+    Column("step_name", String(60), nullable=False),
+    Column("team", String(40), nullable=False),
+    Column("reason", String(40), nullable=False),
+    Column("status", String(20), nullable=False),
+    Column("work_item_id", Integer, ForeignKey("work_items.id"), nullable=True),
+    Column("decided_by", String(120), nullable=True),
+    Column("decided_at", DateTime(timezone=True), nullable=True),
+    UniqueConstraint("request_id", "step_no", name="uq_approvals_request_step"),
+)
+"""The approval chain of each request, one row per step in order. A step is
+``waiting`` until the one before it is approved, then ``open`` with its work
+item, then ``approved`` or ``rejected``."""
+
+purchase_orders = Table(
+    "purchase_orders",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("po_number", String(40), nullable=False, unique=True),
+    Column("request_id", Integer, ForeignKey("procurement_requests.id"), nullable=False,
+           unique=True),
+    Column("supplier", String(60), nullable=False),
+    Column("location", String(40), nullable=False),
+    Column("item_code", String(60), nullable=False),
+    Column("quantity", DecimalText, nullable=False),
+    Column("unit_cost", DecimalText, nullable=False),
+    Column("amount", DecimalText, nullable=False),
+    Column("currency", String(3), nullable=False),
+    Column("order_date", Date, nullable=False),
+    Column("status", String(20), nullable=False),
+    Column("received_quantity", DecimalText, nullable=False),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+)
+"""Purchase orders, one per approved request (the unique ``request_id``);
+each is delivered to the destinations whose kinds list ``purchase_order``.
+``status`` is ``ordered``, ``partially_received`` or ``received``."""

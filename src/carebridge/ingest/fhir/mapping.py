@@ -7,6 +7,7 @@ so decimals are already ``Decimal``. Finance-relevant resources map as follows
 * Patient → Patient
 * Encounter → Encounter, plus a Service for the visit from ``Encounter.type``
 * Procedure → Service (``Procedure.code``, ``performed[x]``)
+* Condition with ``Condition.encounter``, and ``Encounter.reasonCode`` → Diagnosis
 * Immunization → Service (``Immunization.vaccineCode``, CVX)
 * SupplyDelivery → SupplyUse (``suppliedItem.itemCodeableConcept``,
   ``suppliedItem.quantity``)
@@ -46,9 +47,11 @@ from carebridge.ingest.files.synthea import (
     procedure_service_key,
     supply_usage_key,
 )
-from carebridge.model.codes import CVX, SNOMED
+from carebridge.model.authorizations import Authorization, AuthorizationStatus
+from carebridge.model.codes import CVX, ICD10CM, SNOMED
 from carebridge.model.records import (
     CanonicalBatch,
+    Diagnosis,
     Encounter,
     Patient,
     Service,
@@ -59,6 +62,8 @@ from carebridge.model.records import (
 logger = logging.getLogger(__name__)
 
 _ONE = Decimal(1)
+# Condition.verificationStatus codes under which the condition is no diagnosis.
+_NOT_DIAGNOSED = frozenset({"refuted", "entered-in-error"})
 _BUNDLE_TYPES = frozenset({"transaction", "batch", "collection"})
 
 # Statuses (FHIR R4 value sets) under which a resource documents no billable event.
@@ -255,6 +260,8 @@ def _map_encounter(resource: dict[str, Any], context: _Context, path: str) -> No
             code_system=coding[0] if coding else None,
         )
     )
+    for reason in resource.get("reasonCode") or []:
+        _add_diagnosis(reason, encounter_id, context)
     status = resource.get("status")
     if status in _NOT_PERFORMED["Encounter"]:
         context.batch.ignore(f"Encounter with status {status}")
@@ -318,6 +325,40 @@ def _map_procedure(resource: dict[str, Any], context: _Context, path: str) -> No
             description=coding[2],
         )
     )
+
+
+def _map_condition(resource: dict[str, Any], context: _Context, path: str) -> None:
+    verification = pick_coding(resource.get("verificationStatus"), None)
+    if verification and verification[1] in _NOT_DIAGNOSED:
+        context.batch.ignore(f"Condition with verificationStatus {verification[1]}")
+        return
+    encounter_id = reference_id(
+        resource.get("encounter"), ("Encounter",), context.full_urls, f"{path}.encounter"
+    )
+    if not encounter_id:
+        context.batch.ignore("Condition without encounter")
+        return
+    if not _add_diagnosis(resource.get("code"), encounter_id, context):
+        context.batch.ignore("Condition without a coded Condition.code")
+
+
+def _add_diagnosis(
+    concept: dict[str, Any] | None, encounter_id: str, context: _Context
+) -> bool:
+    """Record a coded concept as a diagnosis of the encounter; ICD-10-CM wins."""
+    coding = pick_coding(concept, ICD10CM)
+    if coding is None:
+        return False
+    context.batch.diagnoses.append(
+        Diagnosis(
+            encounter_id=encounter_id,
+            code_system=coding[0],
+            code=coding[1],
+            source_message_id=context.message_id,
+            description=coding[2],
+        )
+    )
+    return True
 
 
 def _map_immunization(resource: dict[str, Any], context: _Context, path: str) -> None:
@@ -486,6 +527,7 @@ _MAPPERS = {
     "Patient": _map_patient,
     "Encounter": _map_encounter,
     "Procedure": _map_procedure,
+    "Condition": _map_condition,
     "Immunization": _map_immunization,
     "SupplyDelivery": _map_supply_delivery,
     "ChargeItem": _map_charge_item,
@@ -536,3 +578,273 @@ def claim_amounts(claim: dict[str, Any]) -> tuple[list[Decimal], Decimal | None]
         None if total is None else fhir_decimal(total.get("value"), "Claim.total.value")
     )
     return items, total_value
+
+
+# --- Authorizations (ServiceRequest, preauthorization Claim and ClaimResponse) ---
+#
+# These resources are not mapped by map_fhir: the authorization workflow reads
+# the stored message again and calls map_authorizations, so that charge
+# capture and authorizations stay independent.
+
+AUTHORIZATION_RESOURCES = frozenset({"ServiceRequest", "Claim", "ClaimResponse"})
+"""Resource types :func:`map_authorizations` reads."""
+
+# ServiceRequest.status (FHIR R4 request-status) as an authorization status.
+# An active or completed referral authorizes its service; a draft or one on
+# hold does not yet.
+_REQUEST_STATUS = {
+    "draft": AuthorizationStatus.PENDING,
+    "active": AuthorizationStatus.APPROVED,
+    "on-hold": AuthorizationStatus.PENDING,
+    "revoked": AuthorizationStatus.CANCELLED,
+    "completed": AuthorizationStatus.APPROVED,
+    "entered-in-error": AuthorizationStatus.CANCELLED,
+    "unknown": AuthorizationStatus.PENDING,
+}
+# Claim.status (FHIR R4 fm-status): a preauthorization request waits for
+# its ClaimResponse unless it was withdrawn.
+_CLAIM_STATUS = {
+    "active": AuthorizationStatus.PENDING,
+    "draft": AuthorizationStatus.PENDING,
+    "cancelled": AuthorizationStatus.CANCELLED,
+    "entered-in-error": AuthorizationStatus.CANCELLED,
+}
+ALL_ITEMS = "*"
+"""Item sequence of a ClaimResponse decision that covers every item of its Claim."""
+
+
+def map_authorizations(document: dict[str, Any], message_id: int) -> list[Authorization]:
+    """Map ServiceRequests and preauthorization Claims and ClaimResponses to authorizations.
+
+    A ServiceRequest gives one authorization keyed ``fhir:ServiceRequest/{id}``.
+    A Claim with ``use = preauthorization`` gives one per item, keyed
+    ``fhir:Claim/{id}#{item.sequence}``, pending until its ClaimResponse:
+    outcome ``complete`` or ``partial`` approves each item it lists (an item
+    with an adjudication ``reason`` is denied), ``error`` denies them, and a
+    ClaimResponse without items decides every item (key ``...#*``). Other
+    resources, and Claims for other uses, are skipped.
+
+    Raises:
+        ParseError: a required element is missing or invalid; ``location``
+            is its element path.
+    """
+    found: list[Authorization] = []
+    resource_type = document.get("resourceType")
+    if resource_type == "Bundle":
+        full_urls: dict[str, tuple[str, str]] = {}
+        entries = document.get("entry", [])
+        for entry in entries:
+            resource = entry.get("resource")
+            if isinstance(resource, dict) and entry.get("fullUrl"):
+                resource_id = _resource_id(resource, entry["fullUrl"])
+                if resource_id:
+                    full_urls[entry["fullUrl"]] = (resource["resourceType"], resource_id)
+        for index, entry in enumerate(entries):
+            resource = entry.get("resource")
+            if not isinstance(resource, dict):
+                continue
+            resource = dict(resource)
+            if "id" not in resource and entry.get("fullUrl"):
+                resource["id"] = _resource_id(resource, entry["fullUrl"])
+            path = f"Bundle.entry[{index}].resource"
+            found.extend(_authorizations_of(resource, message_id, full_urls, path))
+    else:
+        found.extend(_authorizations_of(document, message_id, {}, str(resource_type)))
+    return found
+
+
+def _authorizations_of(
+    resource: dict[str, Any],
+    message_id: int,
+    full_urls: dict[str, tuple[str, str]],
+    path: str,
+) -> list[Authorization]:
+    resource_type = resource.get("resourceType")
+    if resource_type not in AUTHORIZATION_RESOURCES:
+        return []
+    if resource_type != "ServiceRequest" and resource.get("use") != "preauthorization":
+        return []
+    if resource_type == "ServiceRequest":
+        return [_service_request(resource, message_id, full_urls, path)]
+    if resource_type == "Claim":
+        return _preauthorization_claim(resource, message_id, full_urls, path)
+    return _preauthorization_response(resource, message_id, full_urls, path)
+
+
+def _period_dates(
+    period: dict[str, Any] | None, path: str
+) -> tuple[dt.date | None, dt.date | None]:
+    period = period or {}
+    start = as_date(fhir_datetime(period.get("start"), f"{path}.start"))
+    end = as_date(fhir_datetime(period.get("end"), f"{path}.end"))
+    return start, end
+
+
+def _service_request(
+    resource: dict[str, Any],
+    message_id: int,
+    full_urls: dict[str, tuple[str, str]],
+    path: str,
+) -> Authorization:
+    resource_id = _required_id(resource, path)
+    coding = pick_coding(resource.get("code"), None)
+    if coding is None:
+        raise ParseError("ServiceRequest has no coded code", location=f"{path}.code")
+    status = _REQUEST_STATUS.get(str(resource.get("status")))
+    if status is None:
+        raise ParseError(
+            f"unknown ServiceRequest.status {resource.get('status')!r}",
+            location=f"{path}.status",
+        )
+    units = None
+    quantity = resource.get("quantityQuantity")
+    if quantity is not None:
+        units = fhir_decimal(quantity.get("value"), f"{path}.quantityQuantity.value")
+    if "occurrencePeriod" in resource:
+        valid_from, valid_to = _period_dates(
+            resource["occurrencePeriod"], f"{path}.occurrencePeriod"
+        )
+    else:
+        valid_from = as_date(
+            fhir_datetime(resource.get("occurrenceDateTime"), f"{path}.occurrenceDateTime")
+        )
+        valid_to = None
+    identifiers = resource.get("identifier") or []
+    reference = next((str(i["value"]) for i in identifiers if i.get("value")), None)
+    patient = reference_id(resource.get("subject"), ("Patient",), full_urls, f"{path}.subject")
+    key = f"fhir:ServiceRequest/{resource_id}"
+    return Authorization(
+        auth_key=key,
+        source="fhir:ServiceRequest",
+        status=status,
+        patient_id=patient,
+        code_system=coding[0],
+        code=coding[1],
+        source_message_id=message_id,
+        units=units,
+        valid_from=valid_from,
+        valid_to=valid_to,
+        reference=reference,
+        request_key=key,
+    )
+
+
+def _preauthorization_claim(
+    resource: dict[str, Any],
+    message_id: int,
+    full_urls: dict[str, tuple[str, str]],
+    path: str,
+) -> list[Authorization]:
+    resource_id = _required_id(resource, path)
+    status = _CLAIM_STATUS.get(str(resource.get("status")))
+    if status is None:
+        raise ParseError(
+            f"unknown Claim.status {resource.get('status')!r}", location=f"{path}.status"
+        )
+    patient = reference_id(resource.get("patient"), ("Patient",), full_urls, f"{path}.patient")
+    request_key = f"fhir:Claim/{resource_id}"
+    found = []
+    for index, item in enumerate(resource.get("item") or []):
+        item_path = f"{path}.item[{index}]"
+        coding = pick_coding(item.get("productOrService"), None)
+        if coding is None:
+            raise ParseError(
+                "Claim item has no coded productOrService",
+                location=f"{item_path}.productOrService",
+            )
+        quantity = item.get("quantity")
+        units = (
+            fhir_decimal(quantity.get("value"), f"{item_path}.quantity.value")
+            if quantity is not None
+            else None
+        )
+        if "servicedPeriod" in item:
+            valid_from, valid_to = _period_dates(
+                item["servicedPeriod"], f"{item_path}.servicedPeriod"
+            )
+        else:
+            valid_from = as_date(
+                fhir_datetime(item.get("servicedDate"), f"{item_path}.servicedDate")
+            )
+            valid_to = None
+        found.append(
+            Authorization(
+                auth_key=f"{request_key}#{item.get('sequence', index + 1)}",
+                source="fhir:Claim",
+                status=status,
+                patient_id=patient,
+                code_system=coding[0],
+                code=coding[1],
+                source_message_id=message_id,
+                units=units,
+                valid_from=valid_from,
+                valid_to=valid_to,
+                request_key=request_key,
+            )
+        )
+    return found
+
+
+def _preauthorization_response(
+    resource: dict[str, Any],
+    message_id: int,
+    full_urls: dict[str, tuple[str, str]],
+    path: str,
+) -> list[Authorization]:
+    claim_id = reference_id(resource.get("request"), ("Claim",), full_urls, f"{path}.request")
+    if not claim_id:
+        raise ParseError(
+            "preauthorization ClaimResponse names no request Claim",
+            location=f"{path}.request",
+        )
+    outcome = resource.get("outcome")
+    if outcome == "queued":
+        decided = AuthorizationStatus.PENDING
+    elif outcome in ("complete", "partial"):
+        decided = AuthorizationStatus.APPROVED
+    elif outcome == "error":
+        decided = AuthorizationStatus.DENIED
+    else:
+        raise ParseError(
+            f"unknown ClaimResponse.outcome {outcome!r}", location=f"{path}.outcome"
+        )
+    valid_from, valid_to = _period_dates(
+        resource.get("preAuthPeriod"), f"{path}.preAuthPeriod"
+    )
+    patient = reference_id(resource.get("patient"), ("Patient",), full_urls, f"{path}.patient")
+    request_key = f"fhir:Claim/{claim_id}"
+
+    def decision(sequence: object, status: AuthorizationStatus) -> Authorization:
+        return Authorization(
+            auth_key=f"{request_key}#{sequence}",
+            source="fhir:ClaimResponse",
+            status=status,
+            patient_id=patient,
+            code_system=None,
+            code=None,
+            source_message_id=message_id,
+            valid_from=valid_from,
+            valid_to=valid_to,
+            reference=resource.get("preAuthRef"),
+            request_key=request_key,
+        )
+
+    items = resource.get("item") or []
+    if not items:
+        return [decision(ALL_ITEMS, decided)]
+    found = []
+    for index, item in enumerate(items):
+        sequence = item.get("itemSequence")
+        if sequence is None:
+            raise ParseError(
+                "ClaimResponse item has no itemSequence",
+                location=f"{path}.item[{index}].itemSequence",
+            )
+        refused = any(a.get("reason") for a in item.get("adjudication") or [])
+        status = (
+            AuthorizationStatus.DENIED
+            if refused and decided is AuthorizationStatus.APPROVED
+            else decided
+        )
+        found.append(decision(sequence, status))
+    return found

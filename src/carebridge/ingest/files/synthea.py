@@ -39,6 +39,7 @@ from carebridge.errors import ParseError
 from carebridge.model.codes import CVX, SNOMED
 from carebridge.model.records import (
     CanonicalBatch,
+    Diagnosis,
     Encounter,
     Patient,
     Service,
@@ -223,6 +224,24 @@ def _map_encounter(
             description=description,
         )
     )
+    _map_reason(fields, encounter_id, message_id, batch)
+
+
+def _map_reason(
+    fields: Mapping[str, str], encounter_id: str, message_id: int, batch: CanonicalBatch
+) -> None:
+    """Record ``REASONCODE`` (SNOMED CT) as a diagnosis of the encounter."""
+    reason = _optional_text(fields, "REASONCODE")
+    if reason:
+        batch.diagnoses.append(
+            Diagnosis(
+                encounter_id=encounter_id,
+                code_system=SNOMED,
+                code=reason,
+                source_message_id=message_id,
+                description=_optional_text(fields, "REASONDESCRIPTION"),
+            )
+        )
 
 
 def _map_procedure(
@@ -246,6 +265,7 @@ def _map_procedure(
             description=_optional_text(fields, "DESCRIPTION"),
         )
     )
+    _map_reason(fields, encounter_id, message_id, batch)
 
 
 def _map_immunization(

@@ -20,10 +20,16 @@ from decimal import Decimal
 
 from carebridge.errors import ParseError
 from carebridge.ingest.hl7v2.parser import Hl7Message, Hl7Segment, Value
+from carebridge.model.authorizations import (
+    Authorization,
+    AuthorizationStatus,
+    ScheduledService,
+)
 from carebridge.model.codes import CPT, HCPCS, code_system_from
 from carebridge.model.records import (
     NULL,
     CanonicalBatch,
+    Diagnosis,
     Encounter,
     Guarantor,
     Null,
@@ -156,6 +162,13 @@ def _map_group(
                 guarantor=_guarantor(None, group),
             )
         )
+
+    for dg1 in (s for s in group.segments if s.seg_id == "DG1"):
+        visit = _owner(dg1, visits)
+        encounter_id = encounter_ids.get(visit.position) if visit else group.account
+        diagnosis = _diagnosis(dg1, encounter_id, message_id)
+        if diagnosis:
+            batch.diagnoses.append(diagnosis)
 
     if msg.message_code != "DFT":
         return
@@ -424,6 +437,23 @@ def _diagnoses(ft1: Hl7Segment) -> tuple[str, ...]:
     return tuple(c for c in codes if c)
 
 
+def _diagnosis(
+    dg1: Hl7Segment, encounter_id: str | None, message_id: int
+) -> Diagnosis | None:
+    """Return the DG1-3 diagnosis; its system is DG1-3.3, else DG1-2 (pre-2.5 senders)."""
+    code = _text(dg1.value(3, 1))
+    if not code or not encounter_id:
+        return None
+    sent = _text(dg1.value(3, 3)) or _text(dg1.value(2, 1)) or ""
+    return Diagnosis(
+        encounter_id=encounter_id,
+        code_system=code_system_from(sent) or sent,
+        code=code,
+        source_message_id=message_id,
+        description=_text(dg1.value(3, 2)) or _text(dg1.value(4, 1)),
+    )
+
+
 def _service_key(msg: Hl7Message, ft1: Hl7Segment) -> str:
     """Build the business key: MSH-4 + FT1-2, else the FT1's place in the message.
 
@@ -490,3 +520,158 @@ def _nullable(value: Value) -> str | None | Null:
     if value is NULL:
         return NULL
     return _text(value)
+
+
+# --- Referrals (REF^I12) and scheduling (SIU^S12) ---
+#
+# map_message ignores these types; the authorization workflow reads the
+# stored message again and calls the two functions below.
+
+# RF1-1 referral status, HL7 table 0283.
+_REFERRAL_STATUS = {
+    "A": AuthorizationStatus.APPROVED,  # accepted
+    "P": AuthorizationStatus.PENDING,
+    "R": AuthorizationStatus.DENIED,  # rejected
+    "E": AuthorizationStatus.CANCELLED,  # expired
+}
+
+
+def map_referral(msg: Hl7Message, message_id: int) -> list[Authorization]:
+    """Map a REF^I12 referral to one authorization per referred service.
+
+    The status is RF1-1 (HL7 table 0283); the identifier is AUT-6, else
+    RF1-6, else MSH-10; the period is AUT-4/AUT-5, else RF1-7/RF1-8; the
+    units are AUT-9 (authorized number of treatments). The services are the
+    PR1-3 procedure codes, else the OBR-4 universal service ids. Keys are
+    ``hl7:REF:{MSH-4}:{identifier}:{code}``, so a later REF for the same
+    referral updates the same records.
+
+    Raises:
+        ParseError: RF1-1 is missing or unknown, a date or number cannot be
+            read, or no service code is sent.
+    """
+    rf1 = next(iter(msg.segments("RF1")), None)
+    if rf1 is None:
+        raise ParseError("REF^I12 carries no RF1 segment", location="RF1^1")
+    status_code = (_text(rf1.value(1, 1)) or "").upper()
+    status = _REFERRAL_STATUS.get(status_code)
+    if status is None:
+        raise ParseError(
+            f"RF1-1 referral status {status_code!r} is not A, P, R or E (HL7 table 0283)",
+            location=rf1.location(1),
+        )
+    aut = next(iter(msg.segments("AUT")), None)
+    identifier = (
+        (_text(aut.value(6, 1)) if aut else None) or _text(rf1.value(6, 1)) or msg.control_id
+    )
+    valid_from = _segment_date(aut, 4) if aut else None
+    valid_to = _segment_date(aut, 5) if aut else None
+    valid_from = valid_from or _segment_date(rf1, 7)
+    valid_to = valid_to or _segment_date(rf1, 8)
+    units = None
+    if aut is not None and _text(aut.value(9)):
+        units = _decimal(_text(aut.value(9)) or "", aut.location(9))
+    pid = next(iter(msg.segments("PID")), None)
+    if pid is None:
+        raise ParseError("required segment PID is missing", location="PID^1")
+    patient_id, _ = _patient_identifier(pid, CanonicalBatch())
+    codes = _coded_services(msg.segments("PR1"), 3) or _coded_services(msg.segments("OBR"), 4)
+    if not codes:
+        raise ParseError(
+            "REF^I12 names no service: send PR1-3 or OBR-4", location="PR1^1^3"
+        )
+    request_key = f"hl7:REF:{msg.sending_facility or ''}:{identifier}"
+    return [
+        Authorization(
+            auth_key=f"{request_key}:{system}:{code}",
+            source="hl7v2:REF^I12",
+            status=status,
+            patient_id=patient_id,
+            code_system=system,
+            code=code,
+            source_message_id=message_id,
+            units=units,
+            valid_from=valid_from,
+            valid_to=valid_to,
+            reference=_text(aut.value(6, 1)) if aut else None,
+            request_key=request_key,
+        )
+        for system, code in codes
+    ]
+
+
+def map_schedule(msg: Hl7Message, message_id: int) -> list[ScheduledService]:
+    """Map an SIU^S12 new appointment to one scheduled service per AIS segment.
+
+    The date is AIS-4 (start date/time), else SCH-11.4 (the timing's start).
+    The appointment id is SCH-2 (filler), else SCH-1 (placer), else MSH-10;
+    the key adds the AIS-3 service code, because one appointment books
+    several services. An AIS without a service code is skipped.
+
+    Raises:
+        ParseError: SCH or PID is missing, or a date cannot be read.
+    """
+    sch = next(iter(msg.segments("SCH")), None)
+    if sch is None:
+        raise ParseError("SIU^S12 carries no SCH segment", location="SCH^1")
+    pid = next(iter(msg.segments("PID")), None)
+    if pid is None:
+        raise ParseError("required segment PID is missing", location="PID^1")
+    patient_id, _ = _patient_identifier(pid, CanonicalBatch())
+    appointment = _text(sch.value(2, 1)) or _text(sch.value(1, 1)) or msg.control_id
+    default_date = _segment_date(sch, 11, component=4)
+    booked: list[ScheduledService] = []
+    for ais in msg.segments("AIS"):
+        code = _text(ais.value(3, 1))
+        if code is None:
+            continue
+        sent_system = _text(ais.value(3, 3)) or ""
+        scheduled_on = _segment_date(ais, 4) or default_date
+        if scheduled_on is None:
+            raise ParseError(
+                "no appointment date: send AIS-4 or SCH-11.4", location=ais.location(4)
+            )
+        system = code_system_from(sent_system) or sent_system
+        booked.append(
+            ScheduledService(
+                appointment_key=(
+                    f"hl7:SIU:{msg.sending_facility or ''}:{appointment}:{system}:{code}"
+                ),
+                patient_id=patient_id,
+                code_system=system,
+                code=code,
+                scheduled_on=scheduled_on,
+                source_message_id=message_id,
+                status=_text(ais.value(10, 1)) or _text(sch.value(25, 1)),
+            )
+        )
+    return booked
+
+
+def _coded_services(segments: list[Hl7Segment], field: int) -> list[tuple[str, str]]:
+    """Return the distinct (system, code) pairs of a CE/CWE field, in segment order."""
+    found: list[tuple[str, str]] = []
+    for segment in segments:
+        code = _text(segment.value(field, 1))
+        if code is None:
+            continue
+        sent = _text(segment.value(field, 3)) or ""
+        pair = (code_system_from(sent) or sent, code)
+        if pair not in found:
+            found.append(pair)
+    return found
+
+
+def _segment_date(
+    segment: Hl7Segment, field: int, *, component: int = 1
+) -> dt.date | None:
+    text = _text(segment.value(field, component))
+    if text is None:
+        return None
+    try:
+        return _to_date(text)
+    except ValueError:
+        raise ParseError(
+            f"invalid date {text!r}; expected YYYYMMDD with an optional time",
+            location=segment.location(field, component=component),
+        ) from None

@@ -1,0 +1,1 @@
+"""Claims: billing readiness, 837P/837I building, validation and release."""

@@ -1,0 +1,473 @@
+"""The claims step: one claim per closed encounter, held or validated and released.
+
+The step runs after journal posting, in two phases that each commit:
+
+1. **Check.** Every closed encounter with charge lines and no claim yet, every
+   held claim due for another look, and every released claim whose
+   encounter gained charge lines since, is checked for billing readiness
+   (:mod:`carebridge.claims.readiness`). The claim row is written ``held``,
+   with one work item per reason, or ``ready``, with its service lines and
+   diagnoses. A late charge or credit on a released claim never edits it:
+   it starts a new version that replaces it (frequency code 7).
+2. **Release.** Each ``ready`` claim is built from its stored row and lines,
+   checked (claim total against its lines and against the encounter's
+   charge lines, NPI check digits, ZIP+4) and validated by pyx12. A claim
+   that passes is ``released`` with its X12 text, and the version it
+   replaces becomes ``replaced``; one that fails is ``held`` as
+   ``claim_invalid``.
+
+Logs name claim ids and counts only, because claim content, visit numbers
+included, is PHI.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from decimal import Decimal
+
+from sqlalchemy import Connection, Engine, Row, and_, delete, func, insert, select, update
+
+from carebridge.claims.build837 import (
+    INSTITUTIONAL,
+    ORIGINAL,
+    PROFESSIONAL,
+    REPLACEMENT,
+    ClaimDraft,
+    ClaimLineDraft,
+    PatientFacts,
+    build_837,
+)
+from carebridge.claims.readiness import (
+    NO_AUTHORIZATIONS,
+    RECORDED_AUTHORIZATIONS,
+    AuthorizationLookup,
+    EncounterFacts,
+    busy_patients,
+    load_facts,
+    readiness_problems,
+    service_lines,
+    waiting_encounters,
+)
+from carebridge.claims.validate import check_claim_text, pyx12_errors
+from carebridge.claims.workitems import resolve_claim_items, sync_claim_items
+from carebridge.claims.x12 import DELIMITERS, X12DataError
+from carebridge.config.model import BillingSettings, Configuration
+from carebridge.config.rules import RuleBook
+from carebridge.store.schema import charge_lines, claim_lines, claims, encounters, patients
+from carebridge.workflows.reasons import Reason, Rejection
+
+log = logging.getLogger(__name__)
+
+HELD = "held"
+READY = "ready"
+RELEASED = "released"
+REPLACED = "replaced"
+
+
+@dataclass(slots=True)
+class ClaimsResult:
+    """Counts of one run of the claims step."""
+
+    checked: int = 0
+    held: int = 0
+    ready: int = 0
+    released: int = 0
+    replacements: int = 0
+    invalid: int = 0
+
+
+def run_claims(
+    engine: Engine,
+    config: Configuration,
+    *,
+    run_id: int | None = None,
+    now: dt.datetime | None = None,
+    recheck_held_after: dt.timedelta = dt.timedelta(0),
+    authorizations: AuthorizationLookup = RECORDED_AUTHORIZATIONS,
+    batch_size: int = 200,
+) -> ClaimsResult:
+    """Check closed encounters, then validate and release the ready claims.
+
+    ``recheck_held_after`` is how long a held claim waits before it is
+    checked again, unless its encounter gained charge lines. The job checks
+    every time, and a long-running worker every few minutes.
+    """
+    result = ClaimsResult()
+    billing = config.billing
+    if billing is None:
+        return result
+    now = now or dt.datetime.now(dt.UTC)
+    with engine.connect() as conn:
+        due = _due_encounters(conn, now - recheck_held_after)
+    for start in range(0, len(due), batch_size):
+        with engine.begin() as conn:
+            check_encounters(conn, due[start:start + batch_size], billing, now=now,
+                             run_id=run_id, authorizations=authorizations, result=result,
+                             rule_book=getattr(config, "rule_book", None))
+    release_ready(engine, billing, now=now, run_id=run_id, batch_size=batch_size,
+                  result=result)
+    if result.checked:
+        log.info("claims step done", extra={
+            "action": "claims_done", "checked": result.checked, "held": result.held,
+            "released": result.released, "replacements": result.replacements,
+            "invalid": result.invalid,
+        })
+    return result
+
+
+def _current_claims(conn: Connection, encounter_ids: Sequence[str] | None = None) -> dict[str, Row]:
+    """Return the newest claim version of each encounter."""
+    newest = select(claims.c.encounter_id, func.max(claims.c.version).label("version"))
+    if encounter_ids is not None:
+        newest = newest.where(claims.c.encounter_id.in_(encounter_ids))
+    newest_sub = newest.group_by(claims.c.encounter_id).subquery()
+    rows = conn.execute(
+        select(claims).join(newest_sub, and_(
+            claims.c.encounter_id == newest_sub.c.encounter_id,
+            claims.c.version == newest_sub.c.version,
+        ))
+    )
+    return {row.encounter_id: row for row in rows}
+
+
+def _due_encounters(conn: Connection, recheck_before: dt.datetime) -> list[str]:
+    """Return the closed encounters whose claim needs a first or another check.
+
+    NOTE: this counts the charge lines of every closed encounter on each
+    run, so its cost grows with the history kept. A database with years of
+    charges needs a cursor here.
+    """
+    counts = dict(conn.execute(
+        select(charge_lines.c.encounter_id, func.count())
+        .join(encounters, encounters.c.encounter_id == charge_lines.c.encounter_id)
+        .where(encounters.c.end.is_not(None))
+        .group_by(charge_lines.c.encounter_id)
+    ).all())
+    current = _current_claims(conn)
+    due = []
+    for encounter_id, count in counts.items():
+        claim = current.get(encounter_id)
+        if claim is None:
+            due.append(encounter_id)
+        elif claim.state == HELD and (
+            claim.charge_line_count != count or _aware(claim.checked_at) <= recheck_before
+        ):
+            due.append(encounter_id)
+        elif claim.state == RELEASED and claim.charge_line_count != count:
+            due.append(encounter_id)
+    return sorted(due)
+
+
+def _aware(moment: dt.datetime) -> dt.datetime:
+    # SQLite returns naive datetimes for timezone-aware columns.
+    return moment if moment.tzinfo else moment.replace(tzinfo=dt.UTC)
+
+
+def check_encounters(
+    conn: Connection,
+    encounter_ids: Sequence[str],
+    billing: BillingSettings,
+    *,
+    now: dt.datetime,
+    run_id: int | None = None,
+    authorizations: AuthorizationLookup = NO_AUTHORIZATIONS,
+    result: ClaimsResult | None = None,
+    rule_book: RuleBook | None = None,
+) -> ClaimsResult:
+    """Check billing readiness of ``encounter_ids`` and write each claim held or ready.
+
+    Encounters whose patient still has messages to process, or with a
+    charge parked for them, are left for a later run.
+    """
+    result = result if result is not None else ClaimsResult()
+    facts = load_facts(conn, list(encounter_ids), billing)
+    patient_ids = [item.encounter.patient_id for item in facts.values()]
+    busy = busy_patients(conn, patient_ids)
+    waiting = waiting_encounters(conn, facts)
+    current = _current_claims(conn, list(facts))
+    for encounter_id in sorted(facts):
+        item = facts[encounter_id]
+        if item.encounter.end is None or not item.charges:
+            continue
+        if item.encounter.patient_id in busy or encounter_id in waiting:
+            continue
+        claim = current.get(encounter_id)
+        if claim is not None and claim.state in (READY, REPLACED):
+            continue
+        if claim is not None and claim.state == RELEASED and claim.charge_line_count == len(item.charges):
+            continue
+        lines = service_lines(item.charges)
+        problems = readiness_problems(conn, item, lines, billing, authorizations, rule_book)
+        claim_id = _write_claim(conn, item, claim, lines, problems, billing, now, run_id)
+        _write_lines(conn, claim_id, lines)
+        sync_claim_items(conn, encounter_id, item.encounter.updated_message_id, problems,
+                         now=now, amount_at_risk=item.total)
+        result.checked += 1
+        if problems:
+            result.held += 1
+        else:
+            result.ready += 1
+    return result
+
+
+def _kind(encounter_class: str | None, billing: BillingSettings) -> str:
+    if encounter_class and encounter_class in billing.file.institutional_classes:
+        return INSTITUTIONAL
+    return PROFESSIONAL
+
+
+def patient_control_number(encounter_id: str) -> str:
+    """Return CLM01: the encounter id if it fits (38 characters), else a digest of it."""
+    if len(encounter_id) <= 38 and not DELIMITERS.intersection(encounter_id):
+        return encounter_id
+    return "CB" + hashlib.sha256(encounter_id.encode()).hexdigest()[:30].upper()
+
+
+def _write_claim(
+    conn: Connection,
+    item: EncounterFacts,
+    claim: Row | None,
+    lines: Sequence[ClaimLineDraft],
+    problems: Sequence[Rejection],
+    billing: BillingSettings,
+    now: dt.datetime,
+    run_id: int | None,
+) -> int:
+    """Insert or update the claim row of one check; return its id."""
+    values = {
+        "patient_id": item.encounter.patient_id,
+        "kind": _kind(item.encounter.encounter_class, billing),
+        "state": HELD if problems else READY,
+        "total": sum((line.amount for line in lines), Decimal(0)),
+        "currency": item.charges[0].currency,
+        "charge_line_count": len(item.charges),
+        "diagnosis_codes": ",".join(item.icd10cm) or None,
+        "hold_reasons": json.dumps([p.reason.value for p in problems]) if problems else None,
+        "validation_errors": None,
+        "message_id": item.encounter.updated_message_id,
+        "run_id": run_id,
+        "checked_at": now,
+    }
+    if claim is not None and claim.state == HELD:
+        unchanged = (
+            values["state"] == HELD
+            and values["hold_reasons"] == claim.hold_reasons
+            and values["charge_line_count"] == claim.charge_line_count
+        )
+        if unchanged:
+            # The run that held it stays its run, so a summary counts it once.
+            values["run_id"] = claim.run_id
+        conn.execute(update(claims).where(claims.c.id == claim.id).values(**values))
+        return claim.id
+    if claim is None:
+        version, frequency, replaces, original = 1, ORIGINAL, None, None
+    else:
+        # A released claim is never edited: the new version replaces it.
+        version, frequency = claim.version + 1, REPLACEMENT
+        replaces, original = claim.id, claim.claim_reference
+    return conn.execute(insert(claims).values(
+        encounter_id=item.encounter_id,
+        version=version,
+        frequency_code=frequency,
+        patient_control_number=patient_control_number(item.encounter_id),
+        replaces_claim_id=replaces,
+        original_reference=original,
+        created_at=now,
+        **values,
+    )).inserted_primary_key[0]
+
+
+def _write_lines(conn: Connection, claim_id: int, lines: Sequence[ClaimLineDraft]) -> None:
+    conn.execute(delete(claim_lines).where(claim_lines.c.claim_id == claim_id))
+    if lines:
+        conn.execute(insert(claim_lines), [
+            {
+                "claim_id": claim_id,
+                "line_no": line.line_no,
+                "procedure_code": line.procedure_code,
+                "revenue_code": line.revenue_code,
+                "units": line.units,
+                "amount": line.amount,
+                "service_date": line.service_date,
+                "charge_line_ids": ",".join(str(i) for i in line.charge_line_ids),
+            }
+            for line in lines
+        ])
+
+
+def release_ready(
+    engine: Engine,
+    billing: BillingSettings,
+    *,
+    now: dt.datetime,
+    run_id: int | None = None,
+    batch_size: int = 200,
+    result: ClaimsResult | None = None,
+) -> ClaimsResult:
+    """Build, check and validate every ``ready`` claim; release it or hold it."""
+    result = result if result is not None else ClaimsResult()
+    seen: set[int] = set()
+    while True:
+        with engine.begin() as conn:
+            query = select(claims).where(claims.c.state == READY)
+            if seen:
+                query = query.where(claims.c.id.not_in(seen))
+            ready = conn.execute(query.order_by(claims.c.id).limit(batch_size)).all()
+            if not ready:
+                return result
+            seen.update(row.id for row in ready)
+            _release_batch(conn, ready, billing, now, run_id, result)
+
+
+def _release_batch(
+    conn: Connection,
+    ready: Sequence[Row],
+    billing: BillingSettings,
+    now: dt.datetime,
+    run_id: int | None,
+    result: ClaimsResult,
+) -> None:
+    texts: dict[int, str] = {}
+    problems: dict[int, list[str]] = {}
+    for claim in ready:
+        try:
+            draft, expected_total = _draft(conn, claim, billing)
+            text = build_837(draft, billing.file, claim.id, now)
+        except X12DataError as exc:
+            problems[claim.id] = [str(exc)]
+            continue
+        found = check_claim_text(text, expected_total)
+        if found:
+            problems[claim.id] = found
+        else:
+            texts[claim.id] = text
+    for claim_id, errors in pyx12_errors(texts).items():
+        problems[claim_id] = [f"pyx12: {error}" for error in errors]
+        texts.pop(claim_id)
+    for claim in ready:
+        if claim.id in texts:
+            _mark_released(conn, claim, texts[claim.id], now, run_id)
+            result.released += 1
+            result.replacements += claim.replaces_claim_id is not None
+        else:
+            _mark_invalid(conn, claim, problems[claim.id], now, run_id)
+            result.invalid += 1
+            result.held += 1
+
+
+def claim_reference(claim_id: int) -> str:
+    """Return the reference a claim is known by: BHT03, file name and later REF*F8."""
+    return f"CB{claim_id:010d}"
+
+
+def _draft(conn: Connection, claim: Row, billing: BillingSettings) -> tuple[ClaimDraft, Decimal]:
+    """Return the claim as stored, and the sum of the charge lines it covers."""
+    encounter = conn.execute(
+        select(encounters).where(encounters.c.encounter_id == claim.encounter_id)
+    ).one()
+    lines = _stored_lines(conn, claim.id)
+    covered = [i for line in lines for i in line.charge_line_ids]
+    if len(set(covered)) != len(covered):
+        raise X12DataError("a charge line is on more than one service line")
+    expected = sum(
+        conn.execute(select(charge_lines.c.amount).where(charge_lines.c.id.in_(covered))).scalars(),
+        Decimal(0),
+    )
+
+    settings = billing.file
+    encounter_class = encounter.encounter_class or ""
+    draft = ClaimDraft(
+        claim_reference=claim_reference(claim.id),
+        patient_control_number=claim.patient_control_number,
+        kind=claim.kind,
+        frequency_code=claim.frequency_code,
+        original_reference=claim.original_reference,
+        start=encounter.start,
+        end=encounter.end,
+        patient=_patient_facts(conn, claim.patient_id),
+        diagnoses=tuple(claim.diagnosis_codes.split(",")) if claim.diagnosis_codes else (),
+        lines=lines,
+        total=claim.total,
+        place_of_service=settings.place_of_service_by_class.get(
+            encounter_class, settings.default_place_of_service
+        ),
+        institutional=settings.institutional_classes.get(encounter_class),
+    )
+    return draft, expected
+
+
+def _stored_lines(conn: Connection, claim_id: int) -> tuple[ClaimLineDraft, ...]:
+    rows = conn.execute(
+        select(claim_lines).where(claim_lines.c.claim_id == claim_id).order_by(claim_lines.c.line_no)
+    ).all()
+    return tuple(
+        ClaimLineDraft(
+            line_no=row.line_no, procedure_code=row.procedure_code,
+            revenue_code=row.revenue_code, units=row.units, amount=row.amount,
+            service_date=row.service_date,
+            charge_line_ids=tuple(int(i) for i in row.charge_line_ids.split(",")),
+        )
+        for row in rows
+    )
+
+
+def _patient_facts(conn: Connection, patient_id: str) -> PatientFacts:
+    patient = conn.execute(
+        select(patients).where(patients.c.patient_id == patient_id)
+    ).one_or_none()
+    if patient is None or not patient.family_name or patient.birth_date is None:
+        raise X12DataError(f"patient {patient_id} lacks a family name or birth date")
+    # NOTE: the patient is billed as the subscriber, with the MRN (else the
+    # patient id) as member id, because coverage is not captured yet.
+    return PatientFacts(
+        patient_id=patient.patient_id,
+        last_name=patient.family_name,
+        first_name=patient.given_name,
+        birth_date=patient.birth_date,
+        gender=patient.gender,
+        member_id=patient.mrn or patient.patient_id,
+    )
+
+
+def _mark_released(
+    conn: Connection, claim: Row, text: str, now: dt.datetime, run_id: int | None
+) -> None:
+    reference = claim_reference(claim.id)
+    conn.execute(update(claims).where(claims.c.id == claim.id).values(
+        state=RELEASED, x12=text, claim_reference=reference,
+        interchange_control_number=claim.id, validated_at=now, released_at=now,
+        validation_errors=None, hold_reasons=None, run_id=run_id,
+    ))
+    if claim.replaces_claim_id is not None:
+        conn.execute(update(claims).where(claims.c.id == claim.replaces_claim_id).values(
+            state=REPLACED, replaced_at=now,
+        ))
+    resolve_claim_items(conn, claim.encounter_id, now=now,
+                        resolution=f"claim {reference} released")
+    log.info("claim released", extra={"action": "claim_released", "claim_id": claim.id,
+                                      "frequency_code": claim.frequency_code})
+
+
+def _mark_invalid(
+    conn: Connection, claim: Row, errors: list[str], now: dt.datetime, run_id: int | None
+) -> None:
+    detail = "; ".join(errors)
+    conn.execute(update(claims).where(claims.c.id == claim.id).values(
+        state=HELD, hold_reasons=json.dumps([Reason.CLAIM_INVALID.value]),
+        validation_errors=detail, run_id=run_id, checked_at=now,
+    ))
+    rejection = Rejection(
+        Reason.CLAIM_INVALID,
+        f"claim {claim_reference(claim.id)} of encounter {claim.encounter_id} failed "
+        f"validation and was not released: {detail}",
+    )
+    sync_claim_items(conn, claim.encounter_id, claim.message_id, [rejection], now=now,
+                     amount_at_risk=claim.total)
+    log.warning("claim held: validation failed", extra={
+        "action": "claim_invalid", "claim_id": claim.id, "errors": len(errors),
+    })

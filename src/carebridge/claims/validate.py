@@ -1,0 +1,176 @@
+"""Validate 837 interchanges: pyx12 against the implementation guide, then the
+checks pyx12 does not make.
+
+pyx12 checks structure, required elements, code values and dates. It does
+not check that the claim total (CLM02) equals the sum of the line charges
+(SV102 on an 837P, SV203 on an 837I). Nor does it check NPI check digits or
+that the billing provider's ZIP code is a ZIP+4. :func:`check_claim_text`
+adds those checks and reads the interchange text itself, not the data it was
+built from.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+from collections.abc import Iterable, Mapping
+from decimal import Decimal, InvalidOperation
+from typing import Any
+
+import pyx12.params
+import pyx12.x12n_document
+
+from carebridge.claims.x12 import COMPONENT, ELEMENT, SEGMENT
+from carebridge.model.identifiers import npi_problem, zip_plus_4_valid
+
+# pyx12 logs the values of invalid elements (birth dates, names) at ERROR.
+# Claim data is PHI, so pyx12's logger passes CRITICAL records only.
+logging.getLogger("pyx12").setLevel(logging.CRITICAL)
+
+
+def _errors_in(node: Mapping[str, Any], where: str = "") -> list[str]:
+    """Collect the error texts of a pyx12 JSON error tree, with their segment."""
+    found = []
+    label = where
+    if "seg_id" in node:
+        label = f"{node['seg_id']} (line {node.get('cur_line')})"
+    for error in node.get("errors", []):
+        text = f"{label}: {error['err_str']}" if label else error["err_str"]
+        found.append(text)
+    for key in ("groups", "transactions", "segments", "elements"):
+        for child in node.get(key, []):
+            found.extend(_errors_in(child, label))
+    return found
+
+
+def _run_pyx12(text: str) -> tuple[bool, dict[str, list[str]]]:
+    """Validate ``text``; return pyx12's verdict and the errors per ISA13."""
+    report = io.StringIO()
+    valid = pyx12.x12n_document.x12n_document(
+        pyx12.params.params(), io.StringIO(text), None, None, None, report
+    )
+    errors: dict[str, list[str]] = {}
+    document = json.loads(report.getvalue() or '{"interchanges": []}')
+    for interchange in document.get("interchanges", []):
+        found = _errors_in(interchange)
+        if found:
+            errors[str(interchange.get("isa_trn_set_id"))] = found
+    return bool(valid), errors
+
+
+def pyx12_errors(interchanges: Mapping[int, str]) -> dict[int, list[str]]:
+    """Validate interchanges with pyx12; return the errors of each that fails.
+
+    The interchanges, keyed by their ISA13 control number, are validated as
+    one stream, because pyx12 parses its implementation-guide XML maps on
+    every call and that parse costs far more than a claim. An interchange
+    with errors is validated again on its own, so that one broken
+    interchange cannot be blamed on its neighbours.
+    """
+    if not interchanges:
+        return {}
+    ordered = sorted(interchanges.items(), key=lambda item: (_version_of(item[1]), item[0]))
+    valid, errors = _run_pyx12("".join(text for _, text in ordered))
+    if valid and not errors:
+        return {}
+    suspects = {int(key) for key in errors} if errors else set(interchanges)
+    failed: dict[int, list[str]] = {}
+    for control in sorted(suspects & set(interchanges)):
+        alone_valid, alone = _run_pyx12(interchanges[control])
+        messages = [m for found in alone.values() for m in found]
+        if not alone_valid and not messages:
+            messages = ["pyx12 rejected the interchange without naming an error"]
+        if messages:
+            failed[control] = messages
+    return failed
+
+
+def _version_of(text: str) -> str:
+    # GS08 is the last element of the second segment.
+    segments = text.split(SEGMENT, 2)
+    return segments[1].rsplit(ELEMENT, 1)[-1] if len(segments) > 1 else ""
+
+
+def _segments(text: str) -> list[list[str]]:
+    return [seg.strip().split(ELEMENT) for seg in text.split(SEGMENT) if seg.strip()]
+
+
+def _decimal(value: str, where: str, problems: list[str]) -> Decimal | None:
+    try:
+        return Decimal(value)
+    except InvalidOperation:
+        problems.append(f"{where} {value!r} is not a number")
+        return None
+
+
+def claim_amounts(text: str) -> tuple[Decimal | None, list[Decimal]]:
+    """Return CLM02 and the line charges (SV102 or SV203) of a one-claim interchange."""
+    problems: list[str] = []
+    total = None
+    lines: list[Decimal] = []
+    for elements in _segments(text):
+        name = elements[0]
+        if name == "CLM" and len(elements) > 2:
+            total = _decimal(elements[2], "CLM02", problems)
+        elif name == "SV1" and len(elements) > 2:
+            amount = _decimal(elements[2], "SV102", problems)
+            lines.extend([amount] if amount is not None else [])
+        elif name == "SV2" and len(elements) > 3:
+            amount = _decimal(elements[3], "SV203", problems)
+            lines.extend([amount] if amount is not None else [])
+    return total, lines
+
+
+def check_claim_text(text: str, expected_total: Decimal | None = None) -> list[str]:
+    """Return what is wrong with a one-claim 837 beyond pyx12's checks.
+
+    * CLM02 equals the sum of the line charges, compared as decimals;
+    * CLM02 equals ``expected_total`` (the sum of the encounter's charge
+      lines) when given;
+    * every NPI (an NM1 whose NM108 is ``XX``) has a valid check digit;
+    * the billing provider's N4 (after NM1*85) has a 9-digit ZIP+4 code.
+    """
+    problems: list[str] = []
+    segments = _segments(text)
+    total, lines = claim_amounts(text)
+    if total is None:
+        problems.append("no CLM02 claim total")
+    elif total != sum(lines, Decimal(0)):
+        problems.append(
+            f"claim total CLM02 {total:.2f} differs from the sum of its {len(lines)} "
+            f"line charges {sum(lines, Decimal(0)):.2f}"
+        )
+    if total is not None and expected_total is not None and total != expected_total:
+        problems.append(
+            f"claim total CLM02 {total:.2f} differs from the encounter's charge lines "
+            f"{expected_total:.2f}"
+        )
+    problems.extend(_identifier_problems(segments))
+    return problems
+
+
+def _identifier_problems(segments: Iterable[list[str]]) -> list[str]:
+    problems = []
+    previous_entity = None
+    for elements in segments:
+        name = elements[0]
+        if name == "NM1":
+            previous_entity = elements[1] if len(elements) > 1 else None
+            if len(elements) > 9 and elements[8] == "XX":
+                problem = npi_problem(elements[9])
+                if problem:
+                    problems.append(f"NM1*{previous_entity}: {problem}")
+        elif name == "N4" and previous_entity == "85":
+            zip_code = elements[3] if len(elements) > 3 else ""
+            if not zip_plus_4_valid(zip_code):
+                problems.append(
+                    "billing provider ZIP code (N403 after NM1*85) must be ZIP+4, 9 digits"
+                )
+    return problems
+
+
+def component(value: str, index: int) -> str:
+    """Return component ``index`` (0-based) of a composite element, or ``""``."""
+    parts = value.split(COMPONENT)
+    return parts[index] if index < len(parts) else ""

@@ -1,0 +1,475 @@
+"""Tryton as the ERP: the bundled data posted into a real trytond over JSON-RPC.
+
+Each test runs trytond 8.2 on SQLite on a free loopback port, with a copy
+of a database built once per session. Results are read back from Tryton's
+own tables and compared with carebridge's journals and supply issues.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections import defaultdict
+from collections.abc import Iterator
+from decimal import Decimal
+from pathlib import Path
+
+import pytest
+from sqlalchemy import Engine, select, text
+from sqlalchemy.exc import DBAPIError
+
+from carebridge.config import load_configuration
+from carebridge.config.model import AccountType, Configuration
+from carebridge.engine.deliveries import (
+    delivery_summary,
+    enqueue,
+    idempotency_key,
+    replay,
+    run_deliveries,
+)
+from carebridge.engine.job import JobOptions, run_job
+from carebridge.erp.server import TrytonSite, create_database, free_port
+from carebridge.erp.setup import setup_company
+from carebridge.store.db import open_engine, sqlite_url
+from carebridge.store.schema import deliveries as deliveries_table
+from carebridge.store.schema import journal_lines, journals, supply_issues
+
+from .tryton_support import (
+    BIN_DIR,
+    CENT,
+    DEMO,
+    FIRST_YEAR,
+    PASSWORD,
+    PASSWORD_ENV,
+    build_template,
+    count_rows,
+    read_books,
+    server,
+    site_from_template,
+    write_config_dir,
+)
+
+pytestmark = pytest.mark.tryton
+
+DESTINATION = "erp"
+
+
+@pytest.fixture(scope="session")
+def tryton_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A set-up Tryton SQLite database, built once per session (about 30 s)."""
+    config = load_configuration(DEMO / "config")
+    return build_template(tmp_path_factory.mktemp("tryton-template"), config)
+
+
+@pytest.fixture()
+def tryton_password(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(PASSWORD_ENV, PASSWORD)
+
+
+@pytest.fixture()
+def site(tryton_template: Path, tmp_path: Path, tryton_password: None):
+    """A copy of the template database on a port of its own; not started."""
+    return site_from_template(tryton_template, tmp_path / "tryton")
+
+
+@pytest.fixture()
+def running(site) -> Iterator:
+    """The copy served by a running trytond."""
+    with server(site) as process:
+        yield process
+
+
+def _engine(tmp_path: Path) -> Engine:
+    return open_engine(sqlite_url(tmp_path / "carebridge.db"))
+
+
+def _run_demo(engine: Engine, config: Configuration) -> dict:
+    return run_job(engine, config, JobOptions(paths=[DEMO / "data"], out_dir=None))
+
+
+def _drain(engine: Engine, config: Configuration, *, timeout: float = 240.0) -> None:
+    """Run delivery passes until nothing is pending or in flight."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        run_deliveries(engine, config, owner="test")
+        summary = _summary(engine)
+        if summary["pending"] == 0 and summary["in_flight"] == 0:
+            return
+        time.sleep(0.1)
+    raise AssertionError(
+        f"deliveries did not drain within {timeout} s: {_summary(engine)}"
+    )
+
+
+def _summary(engine: Engine) -> dict[str, int]:
+    with engine.connect() as conn:
+        return delivery_summary(conn).get(
+            DESTINATION, {"pending": 0, "in_flight": 0, "delivered": 0, "dead": 0}
+        )
+
+
+def _expected(engine: Engine, config: Configuration) -> dict:
+    """carebridge's side: per-journal totals, account and cost-center totals, issues."""
+    income_types = {AccountType.REVENUE, AccountType.EXPENSE}
+    with engine.connect() as conn:
+        moves = {
+            idempotency_key(DESTINATION, "journal", row.journal_key): (
+                row.total_debit.quantize(CENT),
+                row.total_credit.quantize(CENT),
+            )
+            for row in conn.execute(select(journals))
+        }
+        accounts: dict[str, list[Decimal]] = defaultdict(
+            lambda: [Decimal(0), Decimal(0)]
+        )
+        centers: dict[str, list[Decimal]] = defaultdict(
+            lambda: [Decimal(0), Decimal(0)]
+        )
+        for line in conn.execute(select(journal_lines)):
+            accounts[line.account][0] += line.debit
+            accounts[line.account][1] += line.credit
+            if config.accounts[line.account].type in income_types:
+                centers[line.cost_center][0] += line.debit
+                centers[line.cost_center][1] += line.credit
+        issues = {
+            idempotency_key(DESTINATION, "supply_issue", str(row.id)): (
+                row.item_code,
+                row.quantity,
+            )
+            for row in conn.execute(select(supply_issues))
+        }
+    return {
+        "moves": moves,
+        "accounts": {
+            k: (v[0].quantize(CENT), v[1].quantize(CENT)) for k, v in accounts.items()
+        },
+        "centers": {
+            k: (v[0].quantize(CENT), v[1].quantize(CENT)) for k, v in centers.items()
+        },
+        "issues": issues,
+    }
+
+
+def _assert_books_match(engine: Engine, config: Configuration, database: Path) -> None:
+    expected = _expected(engine, config)
+    books = read_books(database)
+    assert set(books.moves) == set(expected["moves"])
+    assert {state for state, _debit, _credit in books.moves.values()} == {"posted"}
+    for key, (debit, credit) in expected["moves"].items():
+        assert books.moves[key][1:] == (debit, credit), key
+    assert books.account_totals == expected["accounts"]
+    assert books.cost_center_totals == expected["centers"]
+    assert set(books.stock_moves) == set(expected["issues"])
+    assert {state for state, _code, _quantity in books.stock_moves.values()} == {"done"}
+    for key, (item_code, quantity) in expected["issues"].items():
+        assert books.stock_moves[key][1:] == (item_code, quantity), key
+
+
+def test_outage_then_drain_matches_ledger(
+    site, tmp_path: Path, tryton_password
+) -> None:
+    config = load_configuration(write_config_dir(tmp_path / "config", site))
+    engine = _engine(tmp_path)
+    summary = _run_demo(engine, config)
+    assert summary["journals"]["count"] > 300
+
+    # Tryton is not running: deliveries wait, none goes dead.
+    for _ in range(5):
+        run_deliveries(engine, config, owner="test")
+        time.sleep(0.2)
+    waiting = _summary(engine)
+    assert waiting["delivered"] == 0
+    assert waiting["dead"] == 0
+    assert waiting["pending"] + waiting["in_flight"] > 300
+
+    with server(site):
+        _drain(engine, config)
+        assert _summary(engine)["dead"] == 0
+        _assert_books_match(engine, config, site.sqlite_path("erp"))
+
+        # The same events again: every message is a duplicate, nothing new
+        # is posted or delivered, and Tryton's counts do not move.
+        moves_before = count_rows(site.sqlite_path("erp"), "account_move")
+        stock_before = count_rows(site.sqlite_path("erp"), "stock_move")
+        again = _run_demo(engine, config)
+        assert again["duplicates"] == again["messages_read"]
+        result = run_deliveries(engine, config, owner="test")
+        assert result.claimed == 0
+        assert count_rows(site.sqlite_path("erp"), "account_move") == moves_before
+        assert count_rows(site.sqlite_path("erp"), "stock_move") == stock_before
+
+
+def _periods_of_year(client, year: int) -> list[int]:
+    rows = client.search_read(
+        "account.period",
+        [("fiscalyear.name", "=", str(year)), ("type", "=", "standard")],
+        ["id"],
+    )
+    return [row["id"] for row in rows]
+
+
+def test_replayed_dead_letters_post_once(running, site, tmp_path: Path) -> None:
+    config = load_configuration(write_config_dir(tmp_path / "config", site))
+    engine = _engine(tmp_path)
+    client = site.client("erp", password=PASSWORD)
+    database = site.sqlite_path("erp")
+
+    # The controller has closed the most recent year, so its journals are
+    # rejected and go to the dead letters.
+    _run_demo(engine, config)
+    with engine.connect() as conn:
+        dates = conn.execute(select(journals.c.posting_date)).scalars().all()
+    closed_year = max(dates).year
+    closed_journals = sum(1 for date in dates if date.year == closed_year)
+    periods = _periods_of_year(client, closed_year)
+    client.model("account.period", "close", periods)
+    _drain(engine, config)
+    with engine.connect() as conn:
+        dead = (
+            conn.execute(
+                select(deliveries_table.c.last_error).where(
+                    deliveries_table.c.state == "dead"
+                )
+            )
+            .scalars()
+            .all()
+        )
+    assert len(dead) == closed_journals
+    assert all(
+        f"no open period in Tryton contains {closed_year}-" in error for error in dead
+    )
+
+    # A response lost after Tryton committed leaves carebridge with a dead
+    # delivery for a record that Tryton already has.
+    with engine.begin() as conn:
+        lost = (
+            conn.execute(
+                select(deliveries_table.c.id)
+                .where(deliveries_table.c.state == "delivered")
+                .order_by(deliveries_table.c.id)
+                .limit(50)
+            )
+            .scalars()
+            .all()
+        )
+        conn.execute(
+            deliveries_table.update()
+            .where(deliveries_table.c.id.in_(lost))
+            .values(state="dead", last_error="response lost")
+        )
+
+    client.model("account.period", "reopen", periods)
+    with engine.begin() as conn:
+        replayed = replay(conn, destination=DESTINATION)
+    assert len(replayed) == closed_journals + len(lost)
+    _drain(engine, config)
+    summary = _summary(engine)
+    assert summary["pending"] == 0
+    assert summary["in_flight"] == 0
+    with engine.connect() as conn:
+        journal_count = len(conn.execute(select(journals.c.id)).all())
+        issue_count = len(conn.execute(select(supply_issues.c.id)).all())
+    assert count_rows(database, "account_move") == journal_count
+    assert count_rows(database, "stock_move") == issue_count
+    _assert_books_match(engine, config, database)
+
+
+def _worker(config_dir: Path, db_path: Path) -> subprocess.Popen[bytes]:
+    command = [
+        str(Path(sys.executable).parent / "carebridge"),
+        "worker",
+        "--db",
+        sqlite_url(db_path),
+        "--config",
+        str(config_dir),
+        "--until-idle",
+    ]
+    env = {**os.environ, PASSWORD_ENV: PASSWORD}
+    return subprocess.Popen(
+        command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
+
+
+def test_killed_delivery_worker_posts_once(running, site, tmp_path: Path) -> None:
+    config_dir = write_config_dir(tmp_path / "config", site, lease_seconds=3)
+    config = load_configuration(config_dir)
+    db_path = tmp_path / "carebridge.db"
+    engine = open_engine(sqlite_url(db_path))
+    _run_demo(engine, config)
+    database = site.sqlite_path("erp")
+
+    # Kill the worker once Tryton has moves whose deliveries carebridge has
+    # not recorded yet, so Tryton committed and the worker dies before it
+    # writes the results.
+    worker = _worker(config_dir, db_path)
+    killed_in_window = False
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and worker.poll() is None:
+        in_tryton = count_rows(database, "account_move")
+        if in_tryton > _summary(engine)["delivered"]:
+            os.kill(worker.pid, signal.SIGKILL)
+            killed_in_window = True
+            break
+        time.sleep(0.005)
+    worker.wait(30)
+    assert killed_in_window, "the worker finished before it could be killed mid-batch"
+    assert _summary(engine)["in_flight"] > 0
+
+    # After the lease expires a new worker claims the batch again.
+    time.sleep(3.5)
+    second = _worker(config_dir, db_path)
+    assert second.wait(240) == 0, second.stderr.read().decode()[-2000:]
+    summary = _summary(engine)
+    assert summary["dead"] == 0
+    assert summary["pending"] == 0
+    assert summary["in_flight"] == 0
+    _assert_books_match(engine, config, database)
+
+
+def test_bad_records_go_dead_alone(running, site, tmp_path: Path) -> None:
+    config = load_configuration(write_config_dir(tmp_path / "config", site))
+    engine = _engine(tmp_path)
+    issue = {
+        "item_code": "SUP-100231",
+        "quantity": "3",
+        "unit_cost": "0.32",
+        "total_cost": "0.96",
+        "currency": "USD",
+        "service_date": "2024-03-01",
+        "department": "CLINIC",
+    }
+    payloads = {
+        "good-1": {"kind": "supply_issue", "issue": {**issue, "id": 1}},
+        "short-stock": {
+            "kind": "supply_issue",
+            "issue": {**issue, "id": 2, "quantity": "1000000000"},
+        },
+        "unknown-item": {
+            "kind": "supply_issue",
+            "issue": {**issue, "id": 3, "item_code": "NOPE-1"},
+        },
+        "good-2": {
+            "kind": "supply_issue",
+            "issue": {**issue, "id": 4, "quantity": "7"},
+        },
+    }
+    with engine.begin() as conn:
+        for number, (name, payload) in enumerate(payloads.items(), start=1):
+            key = idempotency_key(DESTINATION, "supply_issue", name)
+            enqueue(conn, DESTINATION, "supply_issue", number, key, payload)
+
+    _drain(engine, config)
+    with engine.connect() as conn:
+        rows = conn.execute(
+            select(
+                deliveries_table.c.idempotency_key,
+                deliveries_table.c.state,
+                deliveries_table.c.last_error,
+            )
+        ).all()
+    states = {
+        row.idempotency_key.rsplit(":", 1)[1]: (row.state, row.last_error)
+        for row in rows
+    }
+    assert states["good-1"][0] == "delivered"
+    assert states["good-2"][0] == "delivered"
+    assert states["short-stock"][0] == "dead"
+    assert "Not enough stock" in states["short-stock"][1]
+    assert states["unknown-item"][0] == "dead"
+    assert "NOPE-1" in states["unknown-item"][1]
+
+    books = read_books(site.sqlite_path("erp"))
+    done = sorted(
+        q for state, _code, q in books.stock_moves.values() if state == "done"
+    )
+    assert done == [Decimal(3), Decimal(7)]
+    # The short move stays a draft under its key: a replay once stock has
+    # arrived issues it instead of creating a second one.
+    short = books.stock_moves[
+        idempotency_key(DESTINATION, "supply_issue", "short-stock")
+    ]
+    assert short[0] == "draft"
+
+
+def test_demo_erp_reports_tryton_totals(tmp_path: Path) -> None:
+    out = tmp_path / "demo"
+    command = [
+        str(Path(sys.executable).parent / "carebridge"),
+        "demo",
+        "--erp",
+        "--json",
+        "--out",
+        str(out),
+    ]
+    done = subprocess.run(
+        command, capture_output=True, text=True, timeout=600, check=False
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    summary = json.loads(done.stdout)
+    erp = summary["erp"]
+    assert erp["moves"] == summary["journals"]["count"]
+    assert erp["stock_moves"] == summary["supply_postings"]["count"]
+    assert erp["purchase_orders"] == 0
+    assert erp["invoices"] == 0
+    assert erp["matches_ledger"] is True
+    assert erp["deliveries"]["dead"] == 0
+    assert Path(erp["database"]).is_file()
+    books = read_books(Path(erp["database"]))
+    assert len(books.moves) == summary["journals"]["count"]
+
+
+@pytest.fixture()
+def tryton_pg_database(pg_admin: Engine) -> Iterator[tuple[str, str]]:
+    """An empty PostgreSQL database for trytond: (name, trytond URI), dropped afterwards."""
+    name = f"tryton_{uuid.uuid4().hex[:12]}"
+    try:
+        with pg_admin.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+            conn.execute(text(f'CREATE DATABASE "{name}"'))
+    except DBAPIError as exc:
+        pytest.skip(f"trytond needs a database of its own, and CREATE DATABASE failed: {exc.orig}")
+    url = pg_admin.url
+    credentials = url.username + (f":{url.password}" if url.password else "")
+    try:
+        yield name, f"postgresql://{credentials}@{url.host}:{url.port}/"
+    finally:
+        with pg_admin.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+
+
+@pytest.mark.postgresql
+def test_postgresql_tryton_matches_ledger(
+    tryton_pg_database: tuple[str, str], tmp_path: Path, tryton_password: None
+) -> None:
+    # trytond's PostgreSQL backend (the trytond[postgresql] extra) needs it.
+    pytest.importorskip("psycopg_pool", reason="trytond on PostgreSQL needs psycopg-pool")
+    name, uri = tryton_pg_database
+    site = TrytonSite(tmp_path / "tryton", port=free_port(), database_uri=uri)
+    create_database(site, name, admin_password=PASSWORD, bin_dir=BIN_DIR)
+    config = load_configuration(
+        write_config_dir(tmp_path / "config", site, settings={"database": name})
+    )
+    engine = _engine(tmp_path)
+    _run_demo(engine, config)
+    dsn = uri + name
+
+    with server(site, name):
+        client = site.client(name, password=PASSWORD)
+        years = range(FIRST_YEAR, time.gmtime().tm_year + 2)
+        setup_company(client, load_configuration(DEMO / "config"), years=years)
+        _drain(engine, config)
+        assert _summary(engine)["dead"] == 0
+        _assert_books_match(engine, config, dsn)
+        moves = count_rows(dsn, "account_move")
+
+        # A replay of everything already delivered posts nothing new.
+        with engine.begin() as conn:
+            conn.execute(deliveries_table.update().values(state="dead"))
+            replay(conn, destination=DESTINATION)
+        _drain(engine, config)
+        assert count_rows(dsn, "account_move") == moves
+        _assert_books_match(engine, config, dsn)
