@@ -214,3 +214,25 @@ def test_merge_rejects_other_reasons(engine, seeded):
         approve_merge(engine, item.id, "analyst@example.org", surviving_patient_id="nobody")
     with pytest.raises(MergeError, match="needs the actor"):
         approve_merge(engine, item.id, " ")
+
+
+def test_api_approval_merges_the_pair(engine, seeded, config):
+    from fastapi.testclient import TestClient
+
+    from carebridge.api.app import create_app
+    from carebridge.api.security import Role, create_api_key, create_client
+
+    run_checks(engine, now=NOW)
+    item = _items(engine, "duplicate_patient")[0]
+    detail = json.loads(item.detail)
+    create_client(engine, "controller", frozenset({Role.FINANCE}))
+    key = create_api_key(engine, "controller")
+    api = TestClient(create_app(engine, config))
+    answer = api.post(f"/api/v1/work-items/{item.id}/approve", headers={"X-API-Key": key})
+    assert answer.status_code == 200, answer.text
+    assert answer.json()["status"] == "approved"
+    with engine.connect() as conn:
+        link = conn.execute(select(patient_links)).one()
+    assert {link.merged_patient_id, link.surviving_patient_id} == {
+        detail["left_patient_id"], detail["right_patient_id"]}
+    assert link.work_item_id == item.id

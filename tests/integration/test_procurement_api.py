@@ -165,3 +165,14 @@ def test_invalid_and_self_approval_refused(api) -> None:
         answer = client.post(f"{URL}/requests", headers=keys["buyer"], json=body)
         assert answer.status_code == 422, body
         assert message in answer.json()["detail"], answer.text
+
+
+def test_work_item_route_keeps_separation_of_duties(api) -> None:
+    client, keys, _ = api
+    created = _request(client, keys["owner"], "SUP-100232", 10, "req-own-route")
+    item_id = created["approvals"][0]["work_item_id"]
+    own = client.post(f"/api/v1/work-items/{item_id}/approve", headers=keys["owner"])
+    assert own.status_code == 403
+    assert "own request" in own.json()["detail"]
+    other = client.post(f"/api/v1/work-items/{item_id}/approve", headers=keys["controller-1"])
+    assert other.status_code == 200, other.text

@@ -95,43 +95,64 @@ def approve_merge(
     if not actor.strip():
         raise MergeError("an approval needs the actor who approves it")
     with engine.begin() as conn:
-        item, detail = _load(conn, work_item_id)
-        pair = (detail["left_patient_id"], detail["right_patient_id"])
-        merged_already = conn.execute(
-            select(patient_links.c.merged_patient_id)
-            .where(patient_links.c.merged_patient_id.in_(pair))
-        ).scalars().all()
-        if merged_already:
-            raise MergeError(f"patient {merged_already[0]} was merged already; "
-                             f"reject work item {work_item_id} instead")
-        survivor = surviving_patient_id or _registered_first(conn, pair)
-        if survivor not in pair:
-            raise MergeError(f"patient {survivor} is not one of the pair of work item "
-                             f"{work_item_id} ({pair[0]}, {pair[1]})")
-        merged = pair[1] if survivor == pair[0] else pair[0]
-        repointed = {}
-        for table in (encounters, services, charge_lines):
-            repointed[table.name] = conn.execute(
-                update(table).where(table.c.patient_id == merged)
-                .values(patient_id=survivor)
-            ).rowcount
-        # Patients merged into ``merged`` earlier now point at the survivor.
-        repointed["patient_links"] = conn.execute(
-            update(patient_links).where(patient_links.c.surviving_patient_id == merged)
-            .values(surviving_patient_id=survivor)
-        ).rowcount
-        conn.execute(insert(patient_links).values(
-            merged_patient_id=merged, surviving_patient_id=survivor,
-            work_item_id=work_item_id, linked_at=dt.datetime.now(dt.UTC),
-            linked_by=actor, repointed=json.dumps(repointed, sort_keys=True),
-        ))
-        ids = {"merged_patient_id": merged, "surviving_patient_id": survivor,
-               "repointed": repointed}
-        _close(conn, item, "approved", actor, f"merged {merged} into {survivor}", ids)
-        audit.record(conn, actor, "patient.merge", "patient", merged,
-                     {"work_item_id": work_item_id, **ids})
+        item, _ = _load(conn, work_item_id)
+        result = merge_patients(conn, item, actor, surviving_patient_id)
+        ids = {"merged_patient_id": result.merged_patient_id,
+               "surviving_patient_id": result.surviving_patient_id,
+               "repointed": result.repointed}
+        _close(conn, item, "approved", actor,
+               f"merged {result.merged_patient_id} into {result.surviving_patient_id}", ids)
     log.info("patient merge approved", extra={"action": "patient_merge",
                                               "work_item_id": work_item_id})
+    return result
+
+
+def merge_patients(
+    conn: Connection, item: Any, actor: str, surviving_patient_id: str | None = None
+) -> MergeResult:
+    """Re-point the records of the pair a duplicate-patient item names, in ``conn``.
+
+    The caller closes the work item in the same transaction; the merge and
+    its audit row commit with that approval or not at all.
+
+    Raises:
+        MergeError: the item names another patient, or a patient of the pair
+            was merged already.
+    """
+    work_item_id = item.id
+    detail = json.loads(item.detail)
+    pair = (detail["left_patient_id"], detail["right_patient_id"])
+    merged_already = conn.execute(
+        select(patient_links.c.merged_patient_id)
+        .where(patient_links.c.merged_patient_id.in_(pair))
+    ).scalars().all()
+    if merged_already:
+        raise MergeError(f"patient {merged_already[0]} was merged already; "
+                         f"reject work item {work_item_id} instead")
+    survivor = surviving_patient_id or _registered_first(conn, pair)
+    if survivor not in pair:
+        raise MergeError(f"patient {survivor} is not one of the pair of work item "
+                         f"{work_item_id} ({pair[0]}, {pair[1]})")
+    merged = pair[1] if survivor == pair[0] else pair[0]
+    repointed = {}
+    for table in (encounters, services, charge_lines):
+        repointed[table.name] = conn.execute(
+            update(table).where(table.c.patient_id == merged)
+            .values(patient_id=survivor)
+        ).rowcount
+    # Patients merged into ``merged`` earlier now point at the survivor.
+    repointed["patient_links"] = conn.execute(
+        update(patient_links).where(patient_links.c.surviving_patient_id == merged)
+        .values(surviving_patient_id=survivor)
+    ).rowcount
+    conn.execute(insert(patient_links).values(
+        merged_patient_id=merged, surviving_patient_id=survivor,
+        work_item_id=work_item_id, linked_at=dt.datetime.now(dt.UTC),
+        linked_by=actor, repointed=json.dumps(repointed, sort_keys=True),
+    ))
+    audit.record(conn, actor, "patient.merge", "patient", merged,
+                 {"work_item_id": work_item_id, "merged_patient_id": merged,
+                  "surviving_patient_id": survivor, "repointed": repointed})
     return MergeResult(work_item_id, merged, survivor, repointed)
 
 

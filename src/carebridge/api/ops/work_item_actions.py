@@ -137,6 +137,8 @@ def apply(conn: Connection, item: Row, action: str, principal: Principal,
             changed since it was read.
     """
     transition = check_status(item, action)
+    if action in ("approve", "reject"):
+        _check_procurement_duties(conn, item, principal)
     done = conn.execute(
         update(work_items)
         .where(work_items.c.id == item.id, work_items.c.status == item.status)
@@ -150,10 +152,47 @@ def apply(conn: Connection, item: Row, action: str, principal: Principal,
         work_item_id=item.id, at=now, actor=principal.actor, action=transition.event,
         detail=json.dumps(detail, sort_keys=True, default=str) if detail else None,
     ))
+    if action == "approve" and item.reason == "duplicate_patient":
+        # Approving a flagged pair is the person's decision to merge them.
+        from carebridge.checks.merge import MergeError, merge_patients
+
+        try:
+            merge_patients(conn, item, principal.actor)
+        except MergeError as exc:
+            logger.info("merge of work item %d refused: %s", item.id, exc)
+            raise ApiError(409, "conflict", str(exc)) from None
     ids_only = {key: value for key, value in detail.items() if key not in ("note", "reason")}
     audit.record(conn, principal.actor, f"work_item.{action}", "work_item", item.id,
                  {"from": item.status, "to": transition.target, **ids_only})
     logger.info("work item %d %s by %s", item.id, transition.event, principal.client_id)
+
+
+def _check_procurement_duties(conn: Connection, item: Row, principal: Principal) -> None:
+    """Raise 403 when a procurement approval step would break separation of duties.
+
+    The requester may not decide their own request, and one person decides
+    at most one step of a request, whichever route the decision comes by.
+    """
+    from carebridge.store.schema import approvals, procurement_requests
+
+    step = conn.execute(
+        select(approvals.c.request_id).where(approvals.c.work_item_id == item.id)
+    ).first()
+    if step is None:
+        return
+    owner = conn.execute(
+        select(procurement_requests.c.requested_by)
+        .where(procurement_requests.c.id == step.request_id)
+    ).scalar()
+    if owner == principal.actor:
+        raise ApiError(403, "forbidden", "the requester may not approve their own request")
+    earlier = conn.execute(
+        select(approvals.c.id).where(approvals.c.request_id == step.request_id,
+                                     approvals.c.decided_by == principal.actor)
+    ).first()
+    if earlier is not None:
+        raise ApiError(403, "forbidden", "one person decides one step of a request; "
+                       "another approver must decide this step")
 
 
 def check_assignee(item: Row, principal: Principal) -> None:
