@@ -22,11 +22,11 @@ from decimal import Decimal
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Header, Path, Request
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 from sqlalchemy import Connection, select, update
 
 from carebridge.api.deps import ApiError, context, require
-from carebridge.api.ops.common import MAX_ID, TEXT_PATTERN
+from carebridge.api.ops.common import MAX_ID, TEXT_PATTERN, utc
 from carebridge.api.ops.work_item_actions import apply, load_item
 from carebridge.api.security import Principal, Scope
 from carebridge.engine.intake import DUPLICATE, PROCESSED, store_batch
@@ -108,6 +108,10 @@ class DecisionBody(BaseModel):
     note: str | None = Field(default=None, max_length=2000)
 
 
+UtcDatetime = Annotated[dt.datetime, AfterValidator(utc)]
+"""A timestamp in UTC; SQLite returns naive values, which are UTC already."""
+
+
 class ApprovalView(BaseModel):
     id: int
     step_no: int
@@ -117,7 +121,7 @@ class ApprovalView(BaseModel):
     status: str
     work_item_id: int | None
     decided_by: str | None
-    decided_at: dt.datetime | None
+    decided_at: UtcDatetime | None
 
 
 class OrderView(BaseModel):
@@ -166,7 +170,7 @@ class StockView(BaseModel):
     location: str
     item_code: str
     on_hand: Decimal
-    updated_at: dt.datetime
+    updated_at: UtcDatetime
 
 
 def _store_message(conn: Connection, principal: Principal, kind: str, body: BaseModel,
