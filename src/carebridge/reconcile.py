@@ -66,7 +66,12 @@ class Difference:
 
 @dataclass(frozen=True, slots=True)
 class ErpJournal:
-    """A journal entry as the ERP holds it, keyed by carebridge's external key."""
+    """A journal entry as stored in the ERP.
+
+    ``external_key`` is the ``journal_key`` of carebridge's journal. A ledger
+    whose ERP stores another key (such as a delivery's idempotency key) maps
+    it back, and returns a key it cannot map as it is.
+    """
 
     external_key: str
     debit: Decimal
@@ -312,11 +317,15 @@ def _erp(conn: Any, report: Report, erp: ErpLedger) -> None:
     held = {entry.external_key: entry for entry in erp.journals()}
     first_message: dict[int, int] = {}
     for table in (supply_issues, charge_lines):
-        first_message.update(conn.execute(
+        rows = conn.execute(
             select(table.c.journal_id, func.min(table.c.source_message_id))
             .where(table.c.journal_id.is_not(None))
             .group_by(table.c.journal_id)
-        ).all())
+        )
+        for journal_id, message_id in rows:
+            # A journal may carry both supply issues and charges.
+            first_message[journal_id] = min(first_message.get(journal_id, message_id),
+                                            message_id)
     ours = conn.execute(select(
         journals.c.id, journals.c.journal_key, journals.c.posting_date, journals.c.department,
         journals.c.total_debit, journals.c.total_credit))

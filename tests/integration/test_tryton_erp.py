@@ -33,8 +33,10 @@ from carebridge.engine.deliveries import (
     run_deliveries,
 )
 from carebridge.engine.job import JobOptions, run_job
+from carebridge.erp.ledger import TrytonLedger
 from carebridge.erp.server import TrytonSite, create_database, free_port
 from carebridge.erp.setup import setup_company
+from carebridge.reconcile import reconcile
 from carebridge.store.db import open_engine, sqlite_url
 from carebridge.store.schema import deliveries as deliveries_table
 from carebridge.store.schema import journal_lines, journals, supply_issues
@@ -48,6 +50,7 @@ from .tryton_support import (
     PASSWORD_ENV,
     build_template,
     count_rows,
+    delete_move,
     read_books,
     server,
     site_from_template,
@@ -202,6 +205,101 @@ def test_outage_then_drain_matches_ledger(
         assert result.claimed == 0
         assert count_rows(site.sqlite_path("erp"), "account_move") == moves_before
         assert count_rows(site.sqlite_path("erp"), "stock_move") == stock_before
+
+
+def test_reconcile_finds_move_deleted_in_tryton(
+    running, site, tmp_path: Path
+) -> None:
+    config_dir = write_config_dir(tmp_path / "config", site)
+    config = load_configuration(config_dir)
+    db_path = tmp_path / "carebridge.db"
+    engine = open_engine(sqlite_url(db_path))
+    _run_demo(engine, config)
+    _drain(engine, config)
+    ledger = TrytonLedger(site.client("erp", password=PASSWORD), DESTINATION)
+
+    clean = reconcile(engine, erp=ledger, destinations=[DESTINATION])
+    with engine.connect() as conn:
+        journal, cancelled = conn.execute(
+            select(journals).order_by(journals.c.id).limit(2)
+        ).all()
+        journal_count = len(conn.execute(select(journals.c.id)).all())
+        first_message = min(
+            conn.execute(
+                select(journal_lines.c.source_message_id).where(
+                    journal_lines.c.journal_id == journal.id
+                )
+            ).scalars()
+        )
+    assert clean.checked["erp_journals"] == journal_count
+    assert clean.unexplained == 0
+
+    # A posting lost in Tryton: the one unexplained difference names the
+    # journal and the first message behind it.
+    key = idempotency_key(DESTINATION, "journal", journal.journal_key)
+    delete_move(site.sqlite_path("erp"), key)
+    command = [
+        str(Path(sys.executable).parent / "carebridge"),
+        "reconcile",
+        "--db",
+        sqlite_url(db_path),
+        "--config",
+        str(config_dir),
+        "--erp",
+        DESTINATION,
+        "--destination",
+        DESTINATION,
+        "--json",
+    ]
+    done = subprocess.run(
+        command, capture_output=True, text=True, timeout=300, check=False
+    )
+    assert done.returncode == 1, done.stderr[-3000:]
+    report = json.loads(done.stdout)
+    assert report["unexplained"] == 1
+    (missing,) = [d for d in report["differences"] if not d["explained"]]
+    assert missing["kind"] == "erp_missing"
+    assert missing["record"] == f"journal {journal.id} ({journal.journal_key})"
+    assert missing["message_id"] == first_message
+    assert report["checked"]["erp_journals"] == journal_count - 1
+
+    # A posting cancelled in Tryton stays posted beside its reversal, and
+    # counts as missing too.
+    client = site.client("erp", password=PASSWORD)
+    cancelled_key = idempotency_key(DESTINATION, "journal", cancelled.journal_key)
+    (move,) = client.search_read(
+        "account.move", [("external_ref", "=", cancelled_key)], ["id"]
+    )
+    _cancel_move(client, move["id"])
+    after_cancel = reconcile(engine, erp=ledger, destinations=[DESTINATION])
+    unexplained = sorted(
+        (d.kind, d.record) for d in after_cancel.differences if not d.explained
+    )
+    assert unexplained == [
+        ("erp_missing", f"journal {journal.id} ({journal.journal_key})"),
+        ("erp_missing", f"journal {cancelled.id} ({cancelled.journal_key})"),
+    ]
+
+
+def _cancel_move(client, move_id: int) -> None:
+    """Cancel a posted move with Tryton's account.move.cancel wizard, without reversal."""
+    wizard = "wizard.account.move.cancel"
+    context = {
+        "active_model": "account.move",
+        "active_id": move_id,
+        "active_ids": [move_id],
+    }
+    session, _start, _end = client.call(f"{wizard}.create")
+    try:
+        client.call(
+            f"{wizard}.execute",
+            session,
+            {"default": {"description": None, "reversal": False}},
+            "cancel",
+            context=context,
+        )
+    finally:
+        client.call(f"{wizard}.delete", session)
 
 
 def _periods_of_year(client, year: int) -> list[int]:

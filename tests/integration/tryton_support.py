@@ -199,3 +199,27 @@ def count_rows(database: Path | str, table: str) -> int:
         ).fetchone()[0]
     finally:
         connection.close()
+
+
+def delete_move(database: Path, external_ref: str) -> None:
+    """Delete a posted move, its lines and their analytic lines from Tryton's SQLite file.
+
+    trytond 8.2 rejects deleting a posted move over RPC, and its cancel
+    wizard keeps the move and adds a reversal. SQL makes a posting disappear
+    as a lost or hand-deleted one would.
+    """
+    connection = sqlite3.connect(database, timeout=10)
+    try:
+        with connection:
+            (move,) = connection.execute(
+                "SELECT id FROM account_move WHERE external_ref = ?", (external_ref,)
+            ).fetchone()
+            connection.execute(
+                "DELETE FROM analytic_account_line WHERE move_line IN "
+                "(SELECT id FROM account_move_line WHERE move = ?)",
+                (move,),
+            )
+            connection.execute("DELETE FROM account_move_line WHERE move = ?", (move,))
+            connection.execute("DELETE FROM account_move WHERE id = ?", (move,))
+    finally:
+        connection.close()
