@@ -23,7 +23,14 @@ from carebridge.api.server import ApiThread
 from carebridge.config.model import Configuration
 from carebridge.engine.deliveries import run_deliveries
 from carebridge.store.db import open_engine, sqlite_url
-from carebridge.store.schema import charge_lines, deliveries, messages, work_items
+from carebridge.store.schema import (
+    charge_lines,
+    deliveries,
+    messages,
+    procurement_requests,
+    work_items,
+)
+from carebridge.workflows.steps import run_workflow_steps
 
 from .http_destination_server import TestDestination
 from .web_ui_data import UiData, load_ui_data
@@ -151,9 +158,9 @@ def test_fix_work_item_and_watch_it_finish(page, site: Site) -> None:
 
 def test_approve_procurement_step(page, site: Site) -> None:
     item = site.data.procurement_item
-    sign_in(page, site, "finance", "/ui/queues?team=finance")
+    sign_in(page, site, "finance", "/ui/queues?team=supply_chain")
     page.get_by_role("link", name=f"#{item}").click()
-    assert "needs a finance approval" in page.locator(".rule").inner_text()
+    assert "approve the purchase of 100 SUP-100232" in page.locator(".rule").inner_text()
     page.get_by_label("Note").fill("within the capital budget")
     page.get_by_role("button", name="Approve").click()
     page.wait_for_selector("#history >> text=approved")
@@ -163,6 +170,13 @@ def test_approve_procurement_step(page, site: Site) -> None:
         status = conn.execute(select(work_items.c.status)
                               .where(work_items.c.id == item)).scalar_one()
     assert status == "approved"
+    # The procurement workflow takes the decision up and places the order.
+    run_workflow_steps(site.engine, site.data.config)
+    with site.engine.connect() as conn:
+        request_status = conn.execute(select(procurement_requests.c.status)
+                                      .where(procurement_requests.c.request_key == "web-test-1")
+                                      ).scalar_one()
+    assert request_status == "ordered"
 
 
 def test_replay_dead_letter(page, site: Site) -> None:

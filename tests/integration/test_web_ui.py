@@ -260,7 +260,7 @@ def test_queue_filters_and_countdown(app, data: UiData) -> None:
     page = client.get("/ui/queues", params={"reason": "unknown_code"})
     assert page.status_code == 200
     assert f'href="/ui/work-items/{data.unknown_code_item}"' in page.text
-    assert "approval_required" not in page.text  # finance's item is not visible
+    assert "approval_required" not in page.text  # the supply-chain step is not visible
     hidden = client.get(f"/ui/work-items/{data.procurement_item}")
     assert hidden.status_code == 404
 

@@ -11,16 +11,18 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+from decimal import Decimal
 from dataclasses import dataclass
 from pathlib import Path
 
-from sqlalchemy import Engine, insert, select
+from sqlalchemy import Engine, select
 
 from carebridge.api.security import create_client, parse_roles
 from carebridge.config.model import Configuration, DestinationConfig
 from carebridge.engine.deliveries import run_deliveries
 from carebridge.engine.job import JobOptions, run_job
-from carebridge.store.schema import messages, work_items
+from carebridge.store.schema import approvals, messages, work_items
+from carebridge.workflows.procurement import RequestDraft, create_request
 
 from .conftest import DEMO, hl7
 
@@ -43,8 +45,6 @@ NEXT_DAY_DFT = hl7(
 )
 """A chargeable visit on another day, so that there are two journals to deliver."""
 
-PROCUREMENT_REASON = "approval_required"
-PROCUREMENT_TEAM = "finance"
 
 ROLES = ("admin", "integration-analyst", "revenue-cycle", "supply-chain", "finance",
          "auditor")
@@ -69,16 +69,20 @@ def with_destination(config: Configuration, url: str) -> Configuration:
     return dataclasses.replace(config, destinations=(destination,))
 
 
-def open_procurement_approval(engine: Engine, message_id: int) -> int:
-    """Open a procurement step waiting for a finance approval, as procurement does."""
+def open_procurement_approval(engine: Engine, config: Configuration, message_id: int) -> int:
+    """Raise a real procurement request and return its first approval step's work item."""
+    draft = RequestDraft(
+        request_key="web-test-1", origin="web-test", department="CLINIC", location="CLINIC",
+        category="medical_surgical", item_code="SUP-100232", quantity=Decimal(100),
+        requested_on=dt.date.today(), requested_by="client:supply-chain",
+        message_id=message_id, supplier="MEDLINE",
+    )
     with engine.begin() as conn:
-        return conn.execute(insert(work_items).values(
-            subject_key="procurement:web-test-1", reason=PROCUREMENT_REASON,
-            team=PROCUREMENT_TEAM, message_id=message_id,
-            detail="purchase request of 12 infusion pumps for 18,400.00 USD needs a "
-                   "finance approval (over 10,000.00)",
-            status="open", created_at=dt.datetime.now(dt.UTC), priority=1,
-        )).inserted_primary_key[0]
+        request_id = create_request(conn, config, draft)
+        return conn.execute(
+            select(approvals.c.work_item_id).where(approvals.c.request_id == request_id)
+            .order_by(approvals.c.step_no)
+        ).scalars().first()
 
 
 def load_ui_data(engine: Engine, config: Configuration, tmp_path: Path, url: str, *,
@@ -98,7 +102,7 @@ def load_ui_data(engine: Engine, config: Configuration, tmp_path: Path, url: str
         item_id = conn.execute(select(work_items.c.id).where(
             work_items.c.message_id == message_id,
             work_items.c.reason == "unknown_code")).scalar_one()
-    procurement = open_procurement_approval(engine, message_id)
+    procurement = open_procurement_approval(engine, config, message_id)
     secrets = {role: create_client(engine, role, parse_roles(role)).client_secret
                for role in ROLES}
     return UiData(config, item_id, procurement, secrets)
