@@ -13,7 +13,7 @@ source message behind it:
 - ``erp_missing`` / ``erp_amount_differs`` / ``erp_unknown``: the ledger
   compared with what the ERP holds, when an :class:`ErpLedger` is given.
 
-A difference is *explained* when carebridge already knows why: an open or
+A difference is *explained* when carebridge has recorded its cause: an open or
 closed work item, a duplicate, a charge parked until its encounter arrives,
 a delivery still in the outbox. Unexplained differences are the ones a
 controller must chase; a clean run has none.
@@ -79,12 +79,12 @@ class ErpJournal:
 
 
 class ErpLedger(Protocol):
-    """What reconciliation needs from an ERP: its journal entries by external key."""
+    """The part of an ERP that reconciliation reads: its journal entries by external key."""
 
     name: str
 
     def journals(self) -> Iterable[ErpJournal]:
-        """Return every journal entry the ERP holds that carebridge posted."""
+        """Return every journal entry in the ERP that carebridge posted."""
 
 
 @dataclass

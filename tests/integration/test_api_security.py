@@ -108,7 +108,7 @@ def call(client: TestClient, method: str, path: str, headers: dict[str, str]) ->
     return client.request(method, concrete(path), **kwargs)
 
 
-def test_every_route_but_the_public_ones_refuses_callers_without_credentials(
+def test_routes_need_credentials(
     sqlite_engine: Engine, api_config: Configuration
 ) -> None:
     app = create_app(sqlite_engine, api_config)
@@ -154,7 +154,7 @@ def test_role_matrix(role: Role, sqlite_engine: Engine, api_config: Configuratio
 
 
 def test_least_privilege_of_the_roles() -> None:
-    """The boundaries a hospital's security review asks about first."""
+    """Check the role boundaries a hospital's security review checks first."""
     assert ROLE_SCOPES[Role.AUDITOR] == {
         scope for scope in ROLE_SCOPES[Role.AUDITOR] if scope.value.endswith(":read")
     }
@@ -173,7 +173,8 @@ def token_for(client: TestClient, client_id: str, secret: str) -> str:
     })
     assert answer.status_code == 200, answer.text
     body = answer.json()
-    assert body["token_type"] == "Bearer" and body["expires_in"] == 900
+    assert body["token_type"] == "Bearer"
+    assert body["expires_in"] == 900
     return body["access_token"]
 
 
@@ -223,7 +224,8 @@ def test_expired_forged_and_rotated_tokens(
     retired = with_api(api_config, signing_keys=(SigningKey("k2", "HS256", secret_file=new_key),))
     client = TestClient(create_app(sqlite_engine, retired))
     answer = client.get("/api/v1/deliveries", headers={"Authorization": f"Bearer {old_token}"})
-    assert answer.status_code == 401 and "unknown key" in answer.json()["detail"]
+    assert answer.status_code == 401
+    assert "unknown key" in answer.json()["detail"]
 
     now = int(time.time())
     claims = {"iss": "carebridge", "aud": "carebridge-api", "sub": "fin", "iat": now - 100,
@@ -231,7 +233,8 @@ def test_expired_forged_and_rotated_tokens(
     expired = jwt.encode(claims, SIGNING_SECRET, algorithm="HS256", headers={"kid": "k1"})
     client = TestClient(create_app(sqlite_engine, api_config))
     answer = client.get("/api/v1/deliveries", headers={"Authorization": f"Bearer {expired}"})
-    assert answer.status_code == 401 and "expired" in answer.json()["detail"]
+    assert answer.status_code == 401
+    assert "expired" in answer.json()["detail"]
 
     claims["exp"] = now + 600
     claims["scope"] = "admin"
@@ -258,7 +261,8 @@ def test_rate_limit_and_body_limit(sqlite_engine: Engine, api_config: Configurat
     client = TestClient(create_app(sqlite_engine, limited))
     codes = [client.get("/api/v1/deliveries", headers={"X-API-Key": key}).status_code
              for _ in range(7)]
-    assert codes[:5] == [200] * 5 and codes[5:] == [429, 429]
+    assert codes[:5] == [200] * 5
+    assert codes[5:] == [429, 429]
 
     big = b"{" + b" " * 4096 + b"}"
     answer = client.post("/fhir/Patient", content=big, headers={

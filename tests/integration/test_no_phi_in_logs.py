@@ -102,7 +102,7 @@ def captured_text(caplog: pytest.LogCaptureFixture) -> str:
     return "\n".join(parts)
 
 
-def test_patient_data_stays_out_of_the_logs_on_every_path(
+def test_no_patient_data_in_logs(
     engine: Engine, config: Configuration, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.DEBUG)

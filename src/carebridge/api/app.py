@@ -47,7 +47,7 @@ _ISSUE_CODES = {
 
 def operation_outcome(status: int, message: str, location: str | None = None,
                       code: str | None = None) -> dict[str, Any]:
-    """An OperationOutcome with one issue; ``location`` is the FHIRPath at fault."""
+    """Build an OperationOutcome with one issue; ``location`` is the FHIRPath at fault."""
     issue: dict[str, Any] = {
         "severity": "error" if status >= 400 else "information",
         "code": code or _ISSUE_CODES.get(status, "exception"),
@@ -75,7 +75,7 @@ def error_response(request: Request, status: int, code: str, message: str,
 
 
 class BodyLimit:
-    """Refuse request bodies over ``limit`` bytes with 413, before they are read whole."""
+    """Reject request bodies over ``limit`` bytes with 413 before they are read whole."""
 
     def __init__(self, app: ASGIApp, limit: int) -> None:
         self.app = app
@@ -87,7 +87,7 @@ class BodyLimit:
             return
         for name, value in scope.get("headers", []):
             if name == b"content-length" and value.isdigit() and int(value) > self.limit:
-                await self._refuse(scope, send)
+                await self._reject(scope, send)
                 return
         seen = 0
 
@@ -103,10 +103,10 @@ class BodyLimit:
         try:
             await self.app(scope, counted, send)
         except _TooLarge:
-            await self._refuse(scope, send)
+            await self._reject(scope, send)
 
-    async def _refuse(self, scope: Scope, send: Send) -> None:
-        logger.warning("request body over %d bytes refused", self.limit)
+    async def _reject(self, scope: Scope, send: Send) -> None:
+        logger.warning("request body rejected: over %d bytes", self.limit)
         fhir = scope.get("path", "").startswith("/fhir")
         message = f"request body is larger than {self.limit} bytes (api.max_request_bytes)"
         response = JSONResponse(
@@ -126,7 +126,7 @@ async def _no_receive() -> Message:
 
 
 class TokenAnswer(BaseModel):
-    """An OAuth2 access token answer (RFC 6749 section 5.1)."""
+    """An OAuth2 access token response (RFC 6749 section 5.1)."""
 
     access_token: str
     token_type: str = "Bearer"
@@ -231,7 +231,7 @@ def create_app(engine: Engine, config: Configuration) -> FastAPI:
         try:
             principal = authenticate_client(ctx.engine, client_id, client_secret)
         except AuthenticationError as exc:
-            logger.info("token refused for client %s", client_id)
+            logger.info("token request rejected for client %s", client_id)
             raise ApiError(401, "invalid_client", str(exc)) from None
         access = ctx.tokens.issue(principal)
         with ctx.engine.begin() as conn:

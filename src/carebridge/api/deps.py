@@ -2,7 +2,7 @@
 
 Routes declare the scope they need with ``Depends(require(Scope.X))``. A
 request without credentials gets 401, one whose roles lack the scope 403;
-both are answered before the route runs. Errors are raised as
+both are sent before the route runs. Errors are raised as
 :class:`ApiError` and rendered by the app: as an OperationOutcome under
 ``/fhir``, as a JSON problem (``{"error": ..., "detail": ...}``) elsewhere.
 """
@@ -34,7 +34,7 @@ logger = logging.getLogger(__name__)
 
 
 class ApiError(Exception):
-    """An error answer: HTTP status, a short code, and a message for the caller.
+    """An error response: HTTP status, a short code, and a message for the caller.
 
     ``location`` names the element or parameter at fault (a FHIRPath such as
     ``Patient.birthDate`` under ``/fhir``, a parameter name elsewhere).
@@ -99,7 +99,7 @@ def authenticated(
     bearer: HTTPAuthorizationCredentials | None = Depends(_bearer),
     api_key: str | None = Depends(_api_key),
 ) -> Principal:
-    """The caller, from a bearer token or an API key; 401 when neither checks out."""
+    """Return the caller from a bearer token or an API key; raise 401 when neither is valid."""
     ctx = context(request)
     challenge = {"WWW-Authenticate": 'Bearer realm="carebridge"'}
     try:
@@ -114,7 +114,7 @@ def authenticated(
             raise ApiError(401, "login", "credentials required: send a bearer token "
                            "or an X-API-Key header", headers=challenge)
     except AuthenticationError as exc:
-        logger.info("request refused: %s", exc)
+        logger.info("request rejected: %s", exc)
         raise ApiError(401, "login", str(exc), headers=challenge) from None
     if not ctx.limiter.allow(principal.client_id):
         logger.warning("client %s is over its rate limit", principal.client_id)
@@ -125,7 +125,7 @@ def authenticated(
 
 
 def require(scope: Scope) -> Callable[..., Principal]:
-    """A dependency that admits callers holding ``scope``."""
+    """Return a dependency that admits only callers holding ``scope``."""
 
     def check(principal: Principal = Depends(authenticated)) -> Principal:
         if scope not in principal.scopes:

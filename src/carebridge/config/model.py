@@ -228,7 +228,7 @@ class BillingSettings:
     """Claims master data and rules from billing.yaml.
 
     ``diagnosis_crosswalk`` maps ``(code system, code)`` to an ICD-10-CM code
-    written without its dot. ``authorization_required`` holds the
+    written without its dot. ``authorization_required`` contains the
     ``(code system, code)`` of services that need an approved authorization.
     """
 

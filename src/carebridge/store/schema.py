@@ -339,7 +339,7 @@ patient_links = Table(
 ``surviving_patient_id`` by the duplicate-patient check, and a person
 (``linked_by``) approved the merge through work item ``work_item_id``.
 The merged patient's encounters, services and charge lines were re-pointed
-to the surviving patient at that moment; ``repointed`` holds the counts
+to the surviving patient at that moment; ``repointed`` contains the counts
 per table as JSON. The merged ``patients`` row stays for lineage."""
 
 api_clients = Table(

@@ -95,7 +95,7 @@ class WorkItemDetail(WorkItemSummary):
 
     detail: str = Field(description="What failed and what to do next.")
     resolution: Any = None
-    services: list[ServiceRecord] = Field(description="The services this item holds.")
+    services: list[ServiceRecord] = Field(description="The services this item is about.")
     supply_usages: list[SupplyUsageRecord]
     history: list[WorkItemEvent]
 
