@@ -2,11 +2,14 @@
 
 Each test runs trytond 8.2 on SQLite on a free loopback port, with a copy
 of a database built once per session. Results are read back from Tryton's
-own tables and compared with carebridge's journals and supply issues.
+own tables and compared with carebridge's journals, supply issues and
+purchase orders.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import datetime as dt
 import json
 import os
 import signal
@@ -20,11 +23,12 @@ from decimal import Decimal
 from pathlib import Path
 
 import pytest
-from sqlalchemy import Engine, select, text
+from sqlalchemy import Engine, func, select, text
 from sqlalchemy.exc import DBAPIError
 
 from carebridge.config import load_configuration
 from carebridge.config.model import AccountType, Configuration
+from carebridge.destinations import tryton
 from carebridge.engine.deliveries import (
     delivery_summary,
     enqueue,
@@ -38,8 +42,21 @@ from carebridge.erp.server import TrytonSite, create_database, free_port
 from carebridge.erp.setup import setup_company
 from carebridge.reconcile import reconcile
 from carebridge.store.db import open_engine, sqlite_url
+from carebridge.store.schema import (
+    approvals,
+    journal_lines,
+    journals,
+    messages,
+    purchase_orders,
+    supply_issues,
+)
 from carebridge.store.schema import deliveries as deliveries_table
-from carebridge.store.schema import journal_lines, journals, supply_issues
+from carebridge.workflows.procurement import (
+    RequestDraft,
+    create_request,
+    order_payload,
+    record_decision,
+)
 
 from .tryton_support import (
     BIN_DIR,
@@ -52,6 +69,7 @@ from .tryton_support import (
     count_rows,
     delete_move,
     read_books,
+    read_purchases,
     server,
     site_from_template,
     write_config_dir,
@@ -146,6 +164,7 @@ def _expected(engine: Engine, config: Configuration) -> dict:
             )
             for row in conn.execute(select(supply_issues))
         }
+        purchases = _expected_purchases(conn)
     return {
         "moves": moves,
         "accounts": {
@@ -155,7 +174,34 @@ def _expected(engine: Engine, config: Configuration) -> dict:
             k: (v[0].quantize(CENT), v[1].quantize(CENT)) for k, v in centers.items()
         },
         "issues": issues,
+        "purchases": purchases,
     }
+
+
+def _expected_purchases(conn) -> dict[str, tuple]:
+    """carebridge's purchase orders by key: PO number, supplier, lines, total."""
+    return {
+        idempotency_key(DESTINATION, "purchase_order", row.po_number): (
+            row.po_number,
+            row.supplier,
+            ((row.item_code, row.quantity, row.unit_cost),),
+            row.amount.quantize(CENT),
+        )
+        for row in conn.execute(select(purchase_orders))
+    }
+
+
+def _assert_purchases_match(expected: dict[str, tuple], database: Path | str) -> None:
+    """Each purchase order is one confirmed purchase in Tryton with the same amounts."""
+    purchases = read_purchases(database)
+    assert set(purchases) == set(expected)
+    for key, (po_number, supplier, lines, total) in expected.items():
+        found = purchases[key]
+        assert found.state in {"processing", "confirmed"}, (key, found.state)
+        assert found.reference == po_number, key
+        assert found.supplier == supplier, key
+        assert found.lines == lines, key
+        assert found.total == total, key
 
 
 def _assert_books_match(engine: Engine, config: Configuration, database: Path) -> None:
@@ -171,6 +217,7 @@ def _assert_books_match(engine: Engine, config: Configuration, database: Path) -
     assert {state for state, _code, _quantity in books.stock_moves.values()} == {"done"}
     for key, (item_code, quantity) in expected["issues"].items():
         assert books.stock_moves[key][1:] == (item_code, quantity), key
+    _assert_purchases_match(expected["purchases"], database)
 
 
 def test_outage_then_drain_matches_ledger(
@@ -427,6 +474,13 @@ def test_killed_delivery_worker_posts_once(running, site, tmp_path: Path) -> Non
     assert summary["pending"] == 0
     assert summary["in_flight"] == 0
     _assert_books_match(engine, config, database)
+    # The demo's purchase order is among the first deliveries claimed, so it
+    # is in the batch that was cut off. It is still one purchase in Tryton.
+    with engine.connect() as conn:
+        orders = conn.execute(select(func.count()).select_from(purchase_orders))
+        order_count = orders.scalar_one()
+    assert order_count > 0
+    assert count_rows(database, "purchase_purchase") == order_count
 
 
 def test_bad_records_go_dead_alone(running, site, tmp_path: Path) -> None:
@@ -494,6 +548,179 @@ def test_bad_records_go_dead_alone(running, site, tmp_path: Path) -> None:
     assert short[0] == "draft"
 
 
+def _approve_orders(
+    engine: Engine, config: Configuration, orders: list[tuple[str, str, Decimal]]
+) -> None:
+    """Raise a department request per (supplier, item, quantity) and approve every step.
+
+    Each approved request becomes a purchase order, enqueued to the
+    destination by the procurement workflow itself.
+    """
+    with engine.begin() as conn:
+        message_id = conn.execute(select(func.min(messages.c.id))).scalar_one()
+        for number, (supplier, item_code, quantity) in enumerate(orders, start=1):
+            draft = RequestDraft(
+                request_key=f"tryton-test-{number}",
+                origin="department",
+                department="CLINIC",
+                location="CLINIC",
+                category="medical_surgical",
+                item_code=item_code,
+                quantity=quantity,
+                requested_on=dt.date.today(),
+                requested_by="test",
+                message_id=message_id,
+                supplier=supplier,
+            )
+            request_id = create_request(conn, config, draft)
+            while True:
+                step = conn.execute(
+                    select(approvals.c.id).where(
+                        approvals.c.request_id == request_id,
+                        approvals.c.status == "open",
+                    )
+                ).scalar()
+                if step is None:
+                    break
+                record_decision(conn, config, step, approved=True, actor="test")
+
+
+def _purchase_deliveries(
+    engine: Engine,
+) -> dict[str, tuple[str, str | None, str | None]]:
+    """PO key suffix -> (state, last_error, response) of its newest delivery."""
+    with engine.connect() as conn:
+        rows = conn.execute(
+            select(
+                deliveries_table.c.idempotency_key,
+                deliveries_table.c.state,
+                deliveries_table.c.last_error,
+                deliveries_table.c.response,
+            )
+            .where(deliveries_table.c.kind == "purchase_order")
+            .order_by(deliveries_table.c.id)
+        ).all()
+    return {
+        row.idempotency_key.rsplit(":", 1)[1]: (row.state, row.last_error, row.response)
+        for row in rows
+    }
+
+
+def test_purchase_orders_reach_tryton_once(
+    running, site, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    config = load_configuration(
+        write_config_dir(tmp_path / "config", site, kinds=["purchase_order"])
+    )
+    engine = _engine(tmp_path)
+    database = site.sqlite_path("erp")
+    # The demo run places one par-level order.
+    _run_demo(engine, config)
+    _approve_orders(
+        engine,
+        config,
+        [
+            ("MEDLINE", "SUP-100232", Decimal(1000)),
+            ("OWENS", "SUP-100410", Decimal(40)),
+            ("OWENS", "SUP-100231", Decimal(750)),
+        ],
+    )
+    with engine.connect() as conn:
+        expected = _expected_purchases(conn)
+        first_order = conn.execute(select(func.min(purchase_orders.c.id))).scalar_one()
+        payload = order_payload(conn, config, first_order)
+    assert len(expected) == 4
+
+    # Two orders that Tryton must reject, in the same batch as the good ones.
+    unknown = json.loads(json.dumps(payload))
+    unknown["purchase_order"].update(po_number="PO-UNKNOWN", supplier="ACME-SURGICAL")
+    fractional = json.loads(json.dumps(payload))
+    fractional["purchase_order"]["po_number"] = "PO-FRACTION"
+    fractional["purchase_order"]["lines"][0]["quantity"] = "2.5"
+    with engine.begin() as conn:
+        for bad in (unknown, fractional):
+            number = bad["purchase_order"]["po_number"]
+            key = idempotency_key(DESTINATION, "purchase_order", number)
+            enqueue(conn, DESTINATION, "purchase_order", first_order, key, bad)
+
+    # Tryton goes away after quoting the batch and before confirming it: the
+    # purchases stay quotations under their keys and the deliveries wait.
+    def quote_then_fail(client, records: dict[int, str]) -> None:
+        drafts = [record for record, state in records.items() if state == "draft"]
+        client.model("purchase.purchase", "quote", drafts)
+        raise tryton.TrytonUnavailable("connection reset after quote")
+
+    interrupted = dataclasses.replace(tryton.PURCHASES, finish=quote_then_fail)
+    with monkeypatch.context() as patch:
+        patch.setattr(tryton, "PURCHASES", interrupted)
+        run_deliveries(engine, config, owner="test")
+    quoted = read_purchases(database)
+    assert set(quoted) == set(expected)
+    assert {purchase.state for purchase in quoted.values()} == {"quotation"}
+    assert _summary(engine)["delivered"] == 0
+
+    # The next attempts confirm the quotations instead of creating new ones.
+    _drain(engine, config)
+    _assert_purchases_match(expected, database)
+    states = _purchase_deliveries(engine)
+    assert states["PO-UNKNOWN"][0] == "dead"
+    assert "supplier ACME-SURGICAL is not a party in Tryton" in states["PO-UNKNOWN"][1]
+    assert states["PO-FRACTION"][0] == "dead"
+    assert "Tryton rejected the record" in states["PO-FRACTION"][1]
+    for number, _supplier, _lines, _total in expected.values():
+        assert states[number][0] == "delivered", states[number]
+
+    # Read back over JSON-RPC: party, lines, quantities and totals to the cent.
+    client = site.client("erp", password=PASSWORD)
+    rows = client.search_read(
+        "purchase.purchase",
+        [("external_ref", "!=", None)],
+        ["external_ref", "state", "reference", "party.code", "total_amount", "lines"],
+    )
+    lines = {
+        line["id"]: line
+        for line in client.search_read(
+            "purchase.line",
+            [("purchase.external_ref", "!=", None)],
+            ["product.code", "quantity", "unit_price", "amount"],
+        )
+    }
+    read_back = {
+        row["external_ref"]: (
+            row["reference"],
+            row["party."]["code"],
+            tuple(
+                (
+                    lines[line]["product."]["code"],
+                    Decimal(str(lines[line]["quantity"])),
+                    lines[line]["unit_price"],
+                )
+                for line in row["lines"]
+            ),
+            row["total_amount"],
+        )
+        for row in rows
+    }
+    assert read_back == expected
+    assert {row["state"] for row in rows} <= {"processing", "confirmed"}
+
+    # Replaying every delivery sends each order again; Tryton keeps one
+    # purchase per order and the two bad ones go dead again.
+    with engine.begin() as conn:
+        conn.execute(deliveries_table.update().values(state="dead"))
+        replayed = replay(conn, destination=DESTINATION)
+    assert len(replayed) == len(expected) + 2
+    _drain(engine, config)
+    states = _purchase_deliveries(engine)
+    for number, _supplier, _lines, _total in expected.values():
+        assert states[number][0] == "delivered"
+        assert "(found by external_ref)" in states[number][2]
+    assert states["PO-UNKNOWN"][0] == "dead"
+    assert states["PO-FRACTION"][0] == "dead"
+    assert count_rows(database, "purchase_purchase") == len(expected)
+    _assert_purchases_match(expected, database)
+
+
 def test_demo_erp_reports_tryton_totals(tmp_path: Path) -> None:
     out = tmp_path / "demo"
     command = [
@@ -512,7 +739,11 @@ def test_demo_erp_reports_tryton_totals(tmp_path: Path) -> None:
     erp = summary["erp"]
     assert erp["moves"] == summary["journals"]["count"]
     assert erp["stock_moves"] == summary["supply_postings"]["count"]
-    assert erp["purchase_orders"] == 0
+    with open_engine(summary["database"]).connect() as conn:
+        orders = conn.execute(select(func.count()).select_from(purchase_orders))
+        order_count = orders.scalar_one()
+    assert order_count > 0
+    assert erp["purchase_orders"] == order_count
     assert erp["invoices"] == 0
     assert erp["matches_ledger"] is True
     assert erp["deliveries"]["dead"] == 0

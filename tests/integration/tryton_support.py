@@ -78,7 +78,7 @@ def write_config_dir(
     destination = {
         "name": "erp",
         "type": "tryton",
-        "kinds": ["journal", "supply_issue"],
+        "kinds": ["journal", "supply_issue", "purchase_order"],
         "settings": {
             "port": site.port,
             "database": DATABASE,
@@ -188,6 +188,53 @@ def read_books(database: Path | str) -> TrytonBooks:
         cost_center_totals={k: (v[0], v[1]) for k, v in centers.items()},
         stock_moves=stock,
     )
+
+
+@dataclass(frozen=True)
+class TrytonPurchase:
+    """A purchase.purchase that carries an external key, read from Tryton's tables."""
+
+    state: str
+    reference: str
+    supplier: str
+    """The party's code."""
+    total: Decimal | None
+    """The total Tryton stores when it confirms the purchase, or None before that."""
+    lines: tuple[tuple[str, Decimal, Decimal], ...]
+    """(product code, quantity, unit price) per line, in line order."""
+
+
+def read_purchases(database: Path | str) -> dict[str, TrytonPurchase]:
+    """Read carebridge's purchases from a Tryton database, by external_ref (read-only)."""
+    connection = _connect(database)
+    try:
+        lines: dict[int, list[tuple[str, Decimal, Decimal]]] = defaultdict(list)
+        rows = connection.execute(
+            "SELECT l.purchase, t.code, l.quantity, l.unit_price FROM purchase_line l "
+            "JOIN product_product p ON l.product = p.id "
+            "JOIN product_template t ON p.template = t.id "
+            "ORDER BY l.purchase, l.sequence, l.id"
+        )
+        for purchase, code, quantity, unit_price in rows:
+            lines[purchase].append((code, _number(quantity), _number(unit_price)))
+        rows = connection.execute(
+            "SELECT p.id, p.external_ref, p.state, p.reference, pp.code, "
+            "p.total_amount_cache FROM purchase_purchase p "
+            "JOIN party_party pp ON p.party = pp.id WHERE p.external_ref IS NOT NULL"
+        )
+        purchases = {
+            ref: TrytonPurchase(
+                state=state,
+                reference=reference,
+                supplier=supplier,
+                total=_money(total) if total is not None else None,
+                lines=tuple(lines[purchase]),
+            )
+            for purchase, ref, state, reference, supplier, total in rows
+        }
+    finally:
+        connection.close()
+    return purchases
 
 
 def count_rows(database: Path | str, table: str) -> int:

@@ -1,4 +1,4 @@
-"""A Tryton ERP destination: journals as posted moves, supply issues as done stock moves.
+"""A Tryton ERP destination: journals, supply issues and purchase orders over JSON-RPC.
 
 Deliveries arrive in batches (``send_batch``, about 100 per claim), so a
 batch makes a handful of JSON-RPC calls in all instead of several per
@@ -16,19 +16,30 @@ Per batch and kind:
   with the service date. The carebridge module's ``stock.move.issue``
   method then assigns and does it, because trytond 8.2 exposes no way to
   assign a bare move over RPC.
+* ``purchase_order``: one ``purchase.purchase`` per carebridge purchase
+  order, from the supplier's party (found by its code or a party
+  identifier) to the configured warehouse (``WH``), dated with the order
+  date, with ``reference`` set to the PO number and one line per order
+  line. The batch is quoted, then confirmed, so Tryton creates the draft
+  incoming stock moves and the order is ``processing`` (``confirmed`` if
+  Tryton's queue has not processed it yet).
 
 Each document carries the delivery's idempotency key in ``external_ref``,
 which carebridge's Tryton module makes unique per company. A batch first
-looks its keys up: a key found done is delivered, a key found in draft is
-posted (or issued). Only the missing ones are created. If a create fails
-because another worker created some of the keys meanwhile, the lookup runs
-again. If it fails on the data, the batch is sent one record at a time so
-that only the bad record goes dead, with Tryton's message as the reason.
+looks its keys up: a key found posted, done or (for a purchase) confirmed
+is delivered, and a key found earlier in its workflow (a draft move, a
+draft or quoted purchase) is finished. Only the missing ones are created.
+If a create fails because another worker created some of the keys
+meanwhile, the lookup runs again. If it fails on the data, the batch is
+sent one record at a time so that only the bad record goes dead, with
+Tryton's message as the reason.
 
 Connection errors, timeouts, HTTP 5xx and server exceptions are retried.
 Tryton's ``UserError`` (a missing period, an unknown account or item, short
-stock) is permanent. Such a delivery goes to the dead letters, where it
-stays until a person fixes the data in Tryton and replays it.
+stock) is permanent, and so is a record carebridge cannot map (an unknown
+supplier, a currency other than the company's). Such a delivery goes to
+the dead letters, where it stays until a person fixes the data in Tryton
+and replays it.
 """
 
 from __future__ import annotations
@@ -72,8 +83,11 @@ class TrytonSettings(BaseModel):
 
     The password is read from the environment variable ``password_env`` or
     from ``password_file``, never from carebridge.yaml. ``account_codes``,
-    ``cost_center_codes`` and ``item_codes`` map carebridge codes to
-    Tryton's where they differ; an unmapped code is looked up as is.
+    ``cost_center_codes``, ``item_codes`` and ``supplier_codes`` map
+    carebridge codes to Tryton's where they differ; an unmapped code is
+    looked up as is. A supplier code is a party's code or the code of one of
+    its identifiers. ``warehouse`` is the code of the warehouse location
+    that purchase orders deliver to.
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True, str_strip_whitespace=True)
@@ -88,9 +102,11 @@ class TrytonSettings(BaseModel):
     journal: str = Field(default="MISC", min_length=1)
     storage_location: str = Field(default="STO", min_length=1)
     consumption_location: str = Field(default="PCON", min_length=1)
+    warehouse: str = Field(default="WH", min_length=1)
     account_codes: dict[str, str] = Field(default_factory=dict)
     cost_center_codes: dict[str, str] = Field(default_factory=dict)
     item_codes: dict[str, str] = Field(default_factory=dict)
+    supplier_codes: dict[str, str] = Field(default_factory=dict)
 
     @model_validator(mode="after")
     def _one_password_source(self) -> TrytonSettings:
@@ -137,6 +153,28 @@ class _Prepared:
     values: dict[str, Any]
 
 
+_Finish = Callable[[TrytonClient, dict[int, str]], None]
+"""A call that moves records, given as {id: state}, to their finished state."""
+
+
+@dataclass(frozen=True, slots=True)
+class _Workflow:
+    """The finishing step of one kind's records, and the states that count as delivered.
+
+    A record found in one of ``delivered_states`` is delivered. Any other
+    record is passed to ``finish``, which leaves it in ``finished_state``.
+    When ``finishable_states`` is set, a record in a state outside both sets
+    (a cancelled purchase) goes dead instead, because carebridge can neither
+    finish it nor create it again under the same key.
+    """
+
+    model: str
+    finish: _Finish
+    delivered_states: frozenset[str]
+    finished_state: str
+    finishable_states: frozenset[str] | None = None
+
+
 def _short(text: str) -> str:
     text = " ".join(str(text).split())
     return text if len(text) <= DETAIL_LIMIT else text[: DETAIL_LIMIT - 3] + "..."
@@ -173,8 +211,40 @@ def _prepare(
     return prepared, rejected
 
 
+def _post_moves(client: TrytonClient, records: dict[int, str]) -> None:
+    client.model("account.move", "post", list(records))
+
+
+def _issue_moves(client: TrytonClient, records: dict[int, str]) -> None:
+    client.model("stock.move", "issue", list(records))
+
+
+def _confirm_purchases(client: TrytonClient, records: dict[int, str]) -> None:
+    # A purchase goes draft -> quotation -> confirmed. Tryton skips a record
+    # a transition does not apply to, so a purchase quoted by an earlier
+    # attempt is only confirmed. Confirming queues Tryton's ``process``,
+    # which creates the incoming stock moves and sets the state to
+    # processing. Without a queue worker, trytond runs it as soon as the
+    # call has committed.
+    drafts = [record for record, state in records.items() if state == "draft"]
+    if drafts:
+        client.model("purchase.purchase", "quote", drafts)
+    client.model("purchase.purchase", "confirm", list(records))
+
+
+MOVES = _Workflow("account.move", _post_moves, frozenset({"posted"}), "posted")
+ISSUES = _Workflow("stock.move", _issue_moves, frozenset({"done"}), "done")
+PURCHASES = _Workflow(
+    "purchase.purchase",
+    _confirm_purchases,
+    frozenset({"confirmed", "processing", "done"}),
+    "confirmed",
+    finishable_states=frozenset({"draft", "quotation"}),
+)
+
+
 class TrytonDestination:
-    """Delivers journals and supply issues to one Tryton database over JSON-RPC."""
+    """Delivers journals, supply issues and purchase orders to one Tryton database."""
 
     def __init__(self, name: str, settings: TrytonSettings) -> None:
         self.name = name
@@ -187,6 +257,10 @@ class TrytonDestination:
         self._locations: dict[str, int] = {}
         self._journal: int | None = None
         self._company_currency: str | None = None
+        self._company_currency_id: int | None = None
+        self._suppliers: dict[str, tuple[int, int | None]] = {}
+        self._supplier_problems: dict[str, str] = {}
+        self._warehouse: int | None = None
 
     @classmethod
     def build(cls, name: str, settings: BaseModel) -> TrytonDestination:
@@ -250,7 +324,11 @@ class TrytonDestination:
     def _handlers(
         self,
     ) -> dict[str, Callable[[TrytonClient, list[Outbound]], dict[int, SendResult]]]:
-        return {"journal": self._send_journals, "supply_issue": self._send_issues}
+        return {
+            "journal": self._send_journals,
+            "supply_issue": self._send_issues,
+            "purchase_order": self._send_purchases,
+        }
 
     def _connect(self) -> TrytonClient:
         if self._client is None:
@@ -281,9 +359,7 @@ class TrytonDestination:
         prepared, results = _prepare(
             items, lambda item: self._move_values(client, item)
         )
-        results.update(
-            self._deliver(client, "account.move", prepared, self._post_moves, "posted")
-        )
+        results.update(self._deliver(client, MOVES, prepared))
         return results
 
     def _move_values(self, client: TrytonClient, item: Outbound) -> dict[str, Any]:
@@ -384,13 +460,11 @@ class TrytonDestination:
             )
         if self._company_currency is None:
             rows = client.search_read(
-                "company.company", [("id", "=", company)], ["currency.code"]
+                "company.company", [("id", "=", company)], ["currency", "currency.code"]
             )
+            self._company_currency_id = rows[0]["currency"]
             self._company_currency = (rows[0].get("currency.") or {}).get("code")
         return company
-
-    def _post_moves(self, client: TrytonClient, ids: list[int]) -> None:
-        client.model("account.move", "post", ids)
 
     # -------------------------------------------------------- supply issues
 
@@ -400,9 +474,7 @@ class TrytonDestination:
         prepared, results = _prepare(
             items, lambda item: self._stock_move_values(client, item)
         )
-        results.update(
-            self._deliver(client, "stock.move", prepared, self._issue_moves, "done")
-        )
+        results.update(self._deliver(client, ISSUES, prepared))
         return results
 
     def _stock_move_values(
@@ -427,20 +499,199 @@ class TrytonDestination:
             "external_ref": item.idempotency_key,
         }
 
-    def _issue_moves(self, client: TrytonClient, ids: list[int]) -> None:
-        client.model("stock.move", "issue", ids)
+    # ------------------------------------------------------ purchase orders
+
+    def _send_purchases(
+        self, client: TrytonClient, items: list[Outbound]
+    ) -> dict[int, SendResult]:
+        self._prefetch_suppliers(client, items)
+        prepared, results = _prepare(
+            items, lambda item: self._purchase_values(client, item)
+        )
+        results.update(self._deliver(client, PURCHASES, prepared))
+        return results
+
+    def _purchase_values(self, client: TrytonClient, item: Outbound) -> dict[str, Any]:
+        """Return the values of a ``purchase.purchase`` and its lines.
+
+        Raw RPC runs no on_change, so every field that Tryton's client would
+        fill in is sent: the supplier's invoice address, the warehouse, the
+        company's currency and each line's unit.
+
+        The invoice method is ``manual``. With ``order`` Tryton creates the
+        supplier invoice when the purchase is confirmed, and with
+        ``fulfillment`` when the goods are received. Both need an expense
+        account on each product's category and a payable account on the
+        supplier, which the demo's products and parties do not have. The
+        supplier's bill is accounts payable's work in any case: they create
+        the invoice from the purchase with Tryton's "Manual Invoice" button
+        when it arrives.
+        """
+        order = json.loads(item.payload)["purchase_order"]
+        po_number = order["po_number"]
+        company = self._company(client)
+        if order["currency"] != self._company_currency:
+            raise _Rejected(
+                f"purchase order {po_number} currency {order['currency']} differs "
+                f"from the Tryton company currency {self._company_currency}"
+            )
+        party, address = self._supplier(client, order["supplier"])
+        lines = []
+        for line in order["lines"]:
+            quantity = _decimal(line["quantity"], "quantity")
+            if quantity <= 0:
+                raise _Rejected(
+                    f"purchase order {po_number} line {line['line_no']}: "
+                    f"quantity {quantity} is not positive"
+                )
+            unit_price = _decimal(line["unit_price"], "unit_price")
+            if unit_price < 0:
+                raise _Rejected(
+                    f"purchase order {po_number} line {line['line_no']}: "
+                    f"unit price {unit_price} is negative"
+                )
+            product, unit = self._product(client, line["item_code"])
+            lines.append(
+                {
+                    "type": "line",
+                    "sequence": int(line["line_no"]),
+                    "product": product,
+                    "unit": unit,
+                    # purchase.line.quantity is a float field in trytond 8.2.
+                    "quantity": float(quantity),
+                    "unit_price": unit_price,
+                    "description": line.get("description") or line["item_code"],
+                }
+            )
+        if not lines:
+            raise _Rejected(f"purchase order {po_number} has no lines")
+        return {
+            "company": company,
+            "party": party,
+            "invoice_address": address,
+            "warehouse": self._warehouse_id(client),
+            "currency": self._company_currency_id,
+            "purchase_date": _date(order["order_date"], "order_date"),
+            "reference": po_number,
+            "description": (
+                f"carebridge {po_number} (request {order['request_id']}, "
+                f"{order['department']} for {order['location']})"
+            ),
+            "invoice_method": "manual",
+            "external_ref": item.idempotency_key,
+            "lines": [["create", lines]],
+        }
+
+    def _prefetch_suppliers(self, client: TrytonClient, items: list[Outbound]) -> None:
+        """Look up the batch's suppliers and their addresses in two to three calls."""
+        codes: set[str] = set()
+        for item in items:
+            try:
+                supplier = json.loads(item.payload)["purchase_order"]["supplier"]
+            except (ValueError, KeyError, TypeError):
+                continue  # reported for that delivery when its values are built
+            codes.add(self.settings.supplier_codes.get(supplier, supplier))
+        known = set(self._suppliers) | set(self._supplier_problems)
+        self._load_suppliers(client, sorted(codes - known))
+
+    def _load_suppliers(self, client: TrytonClient, codes: list[str]) -> None:
+        """Find each code's party, by party code first, then by identifier code.
+
+        Inactive parties and addresses are not found. The address is the
+        party's first address marked for invoices, else its first address,
+        as Tryton's ``address_get('invoice')`` picks it.
+        """
+        if not codes:
+            return
+        parties = {
+            row["code"]: row["id"]
+            for row in client.search_read(
+                "party.party", [("code", "in", codes)], ["id", "code"]
+            )
+        }
+        by_identifier = [code for code in codes if code not in parties]
+        if by_identifier:
+            owners: dict[str, set[int]] = defaultdict(set)
+            for row in client.search_read(
+                "party.identifier",
+                [("code", "in", by_identifier), ("party.active", "=", True)],
+                ["party", "code"],
+            ):
+                owners[row["code"]].add(row["party"])
+            for code, found in owners.items():
+                if len(found) == 1:
+                    parties[code] = found.pop()
+                else:
+                    ids = ", ".join(str(party) for party in sorted(found))
+                    self._supplier_problems[code] = (
+                        f"the identifier {code} belongs to {len(found)} Tryton "
+                        f"parties (ids {ids}); map the supplier to one party's "
+                        "code under supplier_codes in the destination's settings"
+                    )
+        if not parties:
+            return
+        addresses: dict[int, list[dict[str, Any]]] = defaultdict(list)
+        for row in client.search_read(
+            "party.address",
+            [("party", "in", sorted(set(parties.values())))],
+            ["id", "party", "invoice"],
+            order=[("party", "ASC"), ("sequence", "ASC"), ("id", "ASC")],
+        ):
+            addresses[row["party"]].append(row)
+        for code, party in parties.items():
+            rows = addresses.get(party, [])
+            invoice = next((row for row in rows if row["invoice"]), None)
+            chosen = invoice or (rows[0] if rows else None)
+            self._suppliers[code] = (party, chosen["id"] if chosen else None)
+
+    def _supplier(self, client: TrytonClient, code: str) -> tuple[int, int]:
+        """Return the supplier's party and invoice address, or reject the order."""
+        tryton_code = self.settings.supplier_codes.get(code, code)
+        if (
+            tryton_code not in self._suppliers
+            and tryton_code not in self._supplier_problems
+        ):
+            self._load_suppliers(client, [tryton_code])
+        named = code if tryton_code == code else f"{code} (Tryton code {tryton_code})"
+        if tryton_code in self._supplier_problems:
+            raise _Rejected(f"supplier {named}: {self._supplier_problems[tryton_code]}")
+        if tryton_code not in self._suppliers:
+            raise _Rejected(
+                f"supplier {named} is not a party in Tryton: no active party has "
+                f"the code or an identifier {tryton_code}. Create the supplier's "
+                "party in Tryton, or map the supplier to its party's code under "
+                "supplier_codes in the destination's settings, then replay"
+            )
+        party, address = self._suppliers[tryton_code]
+        if address is None:
+            raise _Rejected(
+                f"supplier {named} (Tryton party id={party}) has no address; add "
+                "an invoice address to the party in Tryton, then replay"
+            )
+        return party, address
+
+    def _warehouse_id(self, client: TrytonClient) -> int:
+        if self._warehouse is None:
+            code = self.settings.warehouse
+            rows = client.search_read(
+                "stock.location",
+                [("code", "=", code), ("type", "=", "warehouse")],
+                ["id"],
+            )
+            if not rows:
+                raise _Rejected(
+                    f"warehouse {code} is not a warehouse location in Tryton; set "
+                    "the destination's warehouse setting to the code of one"
+                )
+            self._warehouse = rows[0]["id"]
+        return self._warehouse
 
     # --------------------------------------------------------- idempotency
 
     def _deliver(
-        self,
-        client: TrytonClient,
-        model: str,
-        prepared: list[_Prepared],
-        finish: Callable[[TrytonClient, list[int]], None],
-        done_state: str,
+        self, client: TrytonClient, workflow: _Workflow, prepared: list[_Prepared]
     ) -> dict[int, SendResult]:
-        """Create the records whose key is missing, then finish (post or do) them all.
+        """Create the records whose key is missing, then finish (post, do, confirm) them.
 
         Returns a result for each prepared delivery. Raises
         :class:`TrytonUnavailable` if Tryton fails for a reason other than
@@ -449,6 +700,7 @@ class TrytonDestination:
         """
         if not prepared:
             return {}
+        model = workflow.model
         keys = [p.outbound.idempotency_key for p in prepared]
         found = self._find(client, model, keys)
         existed = set(found)
@@ -461,11 +713,9 @@ class TrytonDestination:
             p
             for p in prepared
             if p.outbound.idempotency_key in found
-            and found[p.outbound.idempotency_key][1] != done_state
+            and found[p.outbound.idempotency_key][1] not in workflow.delivered_states
         ]
-        failed = (
-            self._finish(client, pending, found, finish, done_state) if pending else {}
-        )
+        failed = self._finish(client, workflow, pending, found) if pending else {}
         results: dict[int, SendResult] = {}
         for p in prepared:
             key = p.outbound.idempotency_key
@@ -525,30 +775,48 @@ class TrytonDestination:
     def _finish(
         self,
         client: TrytonClient,
+        workflow: _Workflow,
         pending: list[_Prepared],
         found: dict[str, tuple[int, str]],
-        finish: Callable[[TrytonClient, list[int]], None],
-        done_state: str,
     ) -> dict[str, str]:
-        """Post or do the records of ``pending``; return {key: reason} for failures."""
-        ids = [found[p.outbound.idempotency_key][0] for p in pending]
-        try:
-            finish(client, ids)
-        except TrytonUserError:
-            failed: dict[str, str] = {}
+        """Finish the records of ``pending``; return {key: reason} for failures."""
+        failed: dict[str, str] = {}
+        finishable = workflow.finishable_states
+        if finishable is not None:
             for p in pending:
                 key = p.outbound.idempotency_key
+                record_id, state = found[key]
+                if state not in finishable:
+                    failed[key] = _short(
+                        f"{workflow.model} id={record_id} with this external_ref is "
+                        f"{state} in Tryton, so carebridge can neither finish it nor "
+                        "create it again. Reset it to draft in Tryton and replay, or "
+                        "leave this delivery dead"
+                    )
+            pending = [p for p in pending if p.outbound.idempotency_key not in failed]
+        if not pending:
+            return failed
+        records = {
+            found[p.outbound.idempotency_key][0]: found[p.outbound.idempotency_key][1]
+            for p in pending
+        }
+        try:
+            workflow.finish(client, records)
+        except TrytonUserError:
+            for p in pending:
+                key = p.outbound.idempotency_key
+                record_id, state = found[key]
                 try:
-                    finish(client, [found[key][0]])
+                    workflow.finish(client, {record_id: state})
                 except TrytonUserError as exc:
                     failed[key] = _short(f"Tryton rejected the record: {exc}")
                     continue
-                found[key] = (found[key][0], done_state)
+                found[key] = (record_id, workflow.finished_state)
             return failed
         for p in pending:
             key = p.outbound.idempotency_key
-            found[key] = (found[key][0], done_state)
-        return {}
+            found[key] = (found[key][0], workflow.finished_state)
+        return failed
 
     # ------------------------------------------------------------- lookups
 

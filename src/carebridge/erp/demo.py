@@ -2,8 +2,8 @@
 
 The demo creates a SQLite Tryton database in ``OUT/tryton``, or reuses it
 when the carebridge database is kept between runs. It starts trytond on a
-free loopback port and delivers every journal and supply issue through the
-outbox with a ``tryton`` destination. Then it reads the results back over
+free loopback port and delivers every journal, supply issue and purchase
+order through the outbox with a ``tryton`` destination. Then it reads the results back over
 JSON-RPC and stops the server. Creating the database takes about 25 s on
 top of the run.
 """
@@ -26,8 +26,10 @@ from sqlalchemy import Engine, func, select
 from carebridge.config.model import Configuration, DestinationConfig
 from carebridge.engine.deliveries import (
     delivery_summary,
+    enqueue,
     enqueue_journals,
     enqueue_supply_issues,
+    idempotency_key,
     run_deliveries,
 )
 from carebridge.erp.rpc import TrytonClient
@@ -38,7 +40,13 @@ from carebridge.erp.server import (
     free_port,
 )
 from carebridge.erp.setup import setup_company
-from carebridge.store.schema import journal_lines, journals, supply_issues
+from carebridge.store.schema import (
+    journal_lines,
+    journals,
+    purchase_orders,
+    supply_issues,
+)
+from carebridge.workflows.procurement import PURCHASE_ORDER, order_payload
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +58,7 @@ CENT = Decimal("0.01")
 def post_run_to_tryton(
     engine: Engine, config: Configuration, folder: Path, *, fresh: bool
 ) -> dict[str, Any]:
-    """Deliver the database's journals and supply issues to a demo Tryton.
+    """Deliver the database's journals, supply issues and purchase orders to a demo Tryton.
 
     Args:
         engine: The carebridge database of the run.
@@ -79,7 +87,7 @@ def post_run_to_tryton(
     destination = DestinationConfig(
         name=DESTINATION,
         type="tryton",
-        kinds=("journal", "supply_issue"),
+        kinds=("journal", "supply_issue", PURCHASE_ORDER),
         settings={
             "port": site.port,
             "database": DATABASE,
@@ -133,6 +141,17 @@ def _enqueue_all(engine: Engine, config: Configuration) -> None:
         issue_ids = conn.execute(select(supply_issues.c.id)).scalars().all()
         enqueue_journals(conn, config, journal_ids)
         enqueue_supply_issues(conn, config, issue_ids)
+        # place_order enqueues an order for the destinations configured when
+        # it was placed, which did not include this one.
+        orders = conn.execute(
+            select(purchase_orders.c.id, purchase_orders.c.po_number).order_by(
+                purchase_orders.c.id
+            )
+        ).all()
+        for order_id, po_number in orders:
+            key = idempotency_key(DESTINATION, PURCHASE_ORDER, po_number)
+            payload = order_payload(conn, config, order_id)
+            enqueue(conn, DESTINATION, PURCHASE_ORDER, order_id, key, payload)
 
 
 def _drain(

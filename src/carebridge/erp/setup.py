@@ -1,4 +1,4 @@
-"""Set up a Tryton database for carebridge: company, books, cost centers, items, stock.
+"""Set up a Tryton database for carebridge: company, books, cost centers, items, stock, suppliers.
 
 Everything runs over JSON-RPC against a running server (see
 :mod:`carebridge.erp.server`), in this order:
@@ -13,9 +13,12 @@ Everything runs over JSON-RPC against a running server (see
 6. an analytic root ``Cost centers`` with one account per department's cost
    center, coded with the cost center;
 7. one goods product per supply item, coded with the item code, at its unit
-   cost;
+   cost, purchasable in the same unit;
 8. a production location ``Patient consumption`` (code ``PCON``) that supply
-   issues move stock into, and opening stock in the warehouse's storage zone.
+   issues move stock into, and opening stock in the warehouse's storage zone;
+9. one supplier party per supplier in the business rules (every version),
+   coded with carebridge's supplier code and with one invoice address, so
+   the ``tryton`` destination finds it for a purchase order.
 
 The routine is for demos and tests: a real hospital's Tryton already has
 its company, chart and items, and the ``tryton`` destination only needs
@@ -51,6 +54,7 @@ class SetupResult:
     cost_centers: int
     products: int
     consumption_location: int
+    suppliers: int = 0
 
 
 def setup_company(
@@ -67,7 +71,8 @@ def setup_company(
         client: A client logged in as ``admin`` on a database that has the
             modules of :data:`carebridge.erp.server.MODULES` and nothing else.
         config: carebridge's configuration: accounts, departments, supply
-            items and the currency are taken from it.
+            items, the suppliers of its rules and the currency are taken
+            from it.
         years: The calendar years to open as fiscal years; a journal dated
             outside them is rejected by Tryton.
         company_name: The company's party name.
@@ -82,6 +87,7 @@ def setup_company(
     products = _products(client, config)
     location = _consumption_location(client)
     _opening_stock(client, company, products, opening_stock)
+    suppliers = _suppliers(client, config)
     log.info(
         "Tryton company set up",
         extra={
@@ -90,10 +96,17 @@ def setup_company(
             "fiscal_years": fiscal_years,
             "accounts": accounts,
             "products": len(products),
+            "suppliers": suppliers,
         },
     )
     return SetupResult(
-        company, fiscal_years, accounts, cost_centers, len(products), location
+        company,
+        fiscal_years,
+        accounts,
+        cost_centers,
+        len(products),
+        location,
+        suppliers,
     )
 
 
@@ -385,6 +398,9 @@ def _products(client: TrytonClient, config: Configuration) -> dict[str, int]:
             "code": code,
             "type": "goods",
             "default_uom": unit,
+            # carebridge orders in the same unit as it counts stock.
+            "purchasable": True,
+            "purchase_uom": unit,
             "list_price": Decimal(0),
             "cost_price_method": "average",
             "products": [["create", [{"cost_price": item.unit_cost}]]],
@@ -445,3 +461,36 @@ def _opening_stock(
         ],
     )
     client.model("stock.inventory", "confirm", [inventory])
+
+
+def _suppliers(client: TrytonClient, config: Configuration) -> int:
+    """Create a party per supplier of the rules that Tryton does not have yet.
+
+    The party's code is carebridge's supplier code, which is what the
+    ``tryton`` destination looks up. The supplier location and the
+    purchase sequence come from Tryton's defaults.
+    """
+    suppliers: dict[str, str] = {}
+    for rules in config.rule_book.versions:
+        suppliers.update(rules.suppliers)
+    if not suppliers:
+        return 0
+    existing = {
+        row["code"]
+        for row in client.search_read(
+            "party.party", [("code", "in", sorted(suppliers))], ["code"]
+        )
+    }
+    values = [
+        {
+            "name": name,
+            "code": code,
+            # Raw RPC adds no address, and a confirmed purchase needs one.
+            "addresses": [["create", [{"invoice": True}]]],
+        }
+        for code, name in sorted(suppliers.items())
+        if code not in existing
+    ]
+    if values:
+        client.model("party.party", "create", values)
+    return len(values)
