@@ -45,6 +45,18 @@ NEXT_DAY_DFT = hl7(
 )
 """A chargeable visit on another day, so that there are two journals to deliver."""
 
+THIRD_DAY_DFT = hl7(
+    "MSH|^~\\&|CHGSYS|SENDFAC|FINAPP|RCVFAC|20240503120000||DFT^P03|CTLWEB3|P|2.5",
+    "EVN|P03|20240503120000",
+    "PID|1||MRNWEB3^^^SENDFAC^MR||TESTPATIENT^UPSILON",
+    "PV1|1|O|CLINIC1||||||||||||||||VISWEB3",
+    "FT1|1|TXNWEB3||20240503|20240503|CG|99213^OFFICE VISIT EST^CPT|||1|135.50&USD",
+)
+"""A third day's visit. With it the tests' own charges make two journals,
+whichever way the demo data's contested visit numbers fall: the demo's
+2019 charge depends on which of two patients claims a visit first, and
+lanes of different patients run in no fixed order."""
+
 
 ROLES = ("admin", "integration-analyst", "revenue-cycle", "supply-chain", "finance",
          "auditor")
@@ -90,7 +102,7 @@ def load_ui_data(engine: Engine, config: Configuration, tmp_path: Path, url: str
     """Run the demo inputs into ``engine``; every delivery to ``url`` must fail once."""
     config = with_destination(config, url)
     dft = tmp_path / "web-charges.hl7"
-    dft.write_bytes(UNKNOWN_CPT_DFT + NEXT_DAY_DFT)
+    dft.write_bytes(UNKNOWN_CPT_DFT + NEXT_DAY_DFT + THIRD_DAY_DFT)
     paths = [DEMO / "data" / "hl7v2", dft]
     if synthea:
         paths.append(DEMO / "data" / "synthea" / "csv")
