@@ -121,9 +121,18 @@ def check(url: str, generated: int) -> dict[str, int | bool]:
                 "received": one("SELECT count(*) FROM messages WHERE state = 'received'"),
                 "charges": one("SELECT count(*) FROM charge_lines"),
                 "supply_issues": one("SELECT count(*) FROM supply_issues"),
+                # A supply issue held for stock (no stock move yet) is
+                # journaled only when it moves, so it is not counted here.
                 "unjournaled": one(
                     "SELECT (SELECT count(*) FROM charge_lines WHERE journal_id IS NULL)"
-                    " + (SELECT count(*) FROM supply_issues WHERE journal_id IS NULL)"
+                    " + (SELECT count(*) FROM supply_issues s WHERE s.journal_id IS NULL"
+                    " AND (EXISTS (SELECT 1 FROM stock_moves m WHERE m.supply_issue_id = s.id)"
+                    " OR NOT EXISTS (SELECT 1 FROM stock_moves)))"
+                ),
+                "supply_issues_held_for_stock": one(
+                    "SELECT count(*) FROM supply_issues s WHERE NOT EXISTS"
+                    " (SELECT 1 FROM stock_moves m WHERE m.supply_issue_id = s.id)"
+                    " AND EXISTS (SELECT 1 FROM stock_moves)"
                 ),
                 "journals": one("SELECT count(*) FROM journals"),
                 "work_items": one("SELECT count(*) FROM work_items"),

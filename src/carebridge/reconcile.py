@@ -43,8 +43,15 @@ from carebridge.store.schema import (
     supply_usages,
     work_items,
 )
+from carebridge.workflows.reasons import Reason
 
 logger = logging.getLogger(__name__)
+
+_STOCK_HOLDS = (Reason.NO_STOCK.value, Reason.QUANTITY_TOO_HIGH.value)
+"""Work-item reasons that keep a supply issue off the shelf, and so unposted."""
+
+_HOLDING_STATUSES = ("open", "claimed", "rejected")
+"""A stock hold in these states still keeps its issue unposted."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -245,18 +252,37 @@ def _supplies(conn: Any, report: Report) -> None:
                 **common, explained=False,
                 explanation=f"outcome {row.outcome} but no stock issue and no work item"))
     report.checked["supply_usages"] = checked
+    # An issue held for stock (no_stock, quantity_too_high) is journaled
+    # only once it moves, so its open work item explains it.
+    held = work_items.c.subject_key == literal("supply:", String) + supply_issues.c.usage_key
     rows = conn.execute(
         select(supply_issues.c.id, supply_issues.c.service_date, supply_issues.c.department,
-               supply_issues.c.source_message_id, supply_issues.c.total_cost)
+               supply_issues.c.source_message_id, supply_issues.c.total_cost,
+               work_items.c.id.label("item_id"), work_items.c.reason, work_items.c.status)
+        .select_from(supply_issues.outerjoin(
+            work_items, held & work_items.c.reason.in_(_STOCK_HOLDS)
+            & work_items.c.status.in_(_HOLDING_STATUSES)))
         .where(supply_issues.c.journal_id.is_(None))
+        .order_by(supply_issues.c.id)
     )
+    seen: set[int] = set()
     for row in rows:
-        report.differences.append(Difference(
-            kind="supply_issue_not_journaled", day=_day(row.service_date),
-            department=row.department, record=f"supply_issue {row.id}",
-            message_id=row.source_message_id, explained=False,
-            explanation="issued but not posted; run a worker or `carebridge ingest` to post",
-            amount=str(row.total_cost)))
+        if row.id in seen:
+            continue
+        seen.add(row.id)
+        common = {"kind": "supply_issue_not_journaled", "day": _day(row.service_date),
+                  "department": row.department, "record": f"supply_issue {row.id}",
+                  "message_id": row.source_message_id, "amount": str(row.total_cost)}
+        if row.item_id is not None:
+            report.differences.append(Difference(
+                **common, explained=True,
+                explanation=(f"held for stock by "
+                             f"{_work_item_text(row.item_id, row.reason, row.status)}; "
+                             "posted when it moves")))
+        else:
+            report.differences.append(Difference(
+                **common, explained=False,
+                explanation="issued but not posted; run a worker or `carebridge ingest` to post"))
 
 
 def _messages(conn: Any, report: Report) -> None:

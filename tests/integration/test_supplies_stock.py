@@ -14,8 +14,10 @@ from sqlalchemy import Engine, func, select
 from carebridge.config.model import Configuration
 from carebridge.config.rules import RuleBook, StockCount
 from carebridge.engine.intake import store_inputs
+from carebridge.engine.posting import post_journals
 from carebridge.engine.processor import process_pending
 from carebridge.ingest.files.sources import discover, split_path
+from carebridge.reconcile import reconcile
 from carebridge.store.schema import (
     procurement_requests,
     purchase_orders,
@@ -146,6 +148,15 @@ def test_short_stock_holds_issues_until_receipt(
     assert teams == {"supply_chain"}
     on_hand = _levels(engine)[("CLINIC", "SUP-100231")]
     assert on_hand >= 0
+    # Held issues are not costed: posting journals only the moved ones, and
+    # reconciliation explains each held one by its work item.
+    post_journals(engine, short)
+    journaled = supply_issues.c.journal_id.is_not(None)
+    assert _count(engine, supply_issues, journaled) == 47 - held
+    unposted = [d for d in reconcile(engine).differences
+                if d.kind == "supply_issue_not_journaled"]
+    assert len(unposted) == held
+    assert all(d.explained and "no_stock" in d.explanation for d in unposted)
 
     # The par-level order placed on the way down covers the shortfall once received.
     with engine.begin() as conn:
@@ -164,6 +175,8 @@ def test_short_stock_holds_issues_until_receipt(
     assert _count(engine, work_items, work_items.c.reason == "no_stock",
                   work_items.c.status == "resolved") == held
     assert _count(engine, stock_moves, stock_moves.c.kind == "issue") == 47
+    post_journals(engine, short)
+    assert _count(engine, supply_issues, journaled) == 47
     # 1000 counted + the order - 1700 used.
     assert _levels(engine)[("CLINIC", "SUP-100231")] == (
         Decimal("1000") + order["quantity"] - Decimal("1700"))

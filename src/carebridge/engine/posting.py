@@ -2,7 +2,8 @@
 
 Journals, their lines and the ``journal_id`` marks on the posted records
 commit in one transaction, so a record is journaled exactly once however
-often posting runs.
+often posting runs. Where the configuration keeps stock, a supply issue is
+journaled only after its stock move exists; one held for stock waits.
 """
 
 from __future__ import annotations
@@ -19,13 +20,20 @@ from carebridge.destinations.dft import enqueue_charge_lines
 from carebridge.engine.batch_write import insert_returning_ids, insert_rows
 from carebridge.engine.deliveries import enqueue_journals, enqueue_supply_issues
 from carebridge.errors import StoreError
-from carebridge.store.schema import charge_lines, journal_lines, journals, supply_issues
+from carebridge.store.schema import (
+    charge_lines,
+    journal_lines,
+    journals,
+    stock_moves,
+    supply_issues,
+)
 from carebridge.workflows.journals import (
     JournalDraft,
     build_journals,
     charge_posting,
     supply_posting,
 )
+from carebridge.workflows.stock import tracks_stock
 
 log = logging.getLogger(__name__)
 
@@ -87,9 +95,17 @@ def _post_slice(engine: Engine, config: Configuration, limit: int) -> PostingRes
             .order_by(charge_lines.c.id)
             .limit(limit)
         ).mappings().all()
+        unposted = supply_issues.c.journal_id.is_(None)
+        if tracks_stock(config):
+            # Where stock is kept, an issue costs money only once it has
+            # left the shelf: one held for stock (a no_stock or
+            # quantity_too_high work item) waits for its stock move.
+            unposted &= supply_issues.c.id.in_(
+                select(stock_moves.c.supply_issue_id).where(
+                    stock_moves.c.supply_issue_id.is_not(None)))
         issues = conn.execute(
             select(supply_issues)
-            .where(supply_issues.c.journal_id.is_(None))
+            .where(unposted)
             .order_by(supply_issues.c.id)
             .limit(limit)
         ).mappings().all()
