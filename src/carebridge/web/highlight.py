@@ -25,6 +25,7 @@ MAX_VIEW_CHARS = 256 * 1024
 
 HL7_FIELDS_BY_REASON: dict[str, tuple[tuple[str, int], ...]] = {
     "unknown_code": (("FT1", 7), ("FT1", 25)),
+    "code_not_billable": (("FT1", 7), ("FT1", 25)),
     "price_missing": (("FT1", 7),),
     "revenue_code_missing": (("FT1", 7),),
     "department_unmapped": (("FT1", 7),),
@@ -47,7 +48,7 @@ HL7_FIELDS_BY_REASON: dict[str, tuple[tuple[str, int], ...]] = {
 """The HL7 v2 fields each reason code points at (segment id, field number)."""
 
 RECORD_FIELD_BY_REASON: dict[str, str] = {
-    "unknown_code": "code", "price_missing": "code", "revenue_code_missing": "code",
+    "unknown_code": "code", "code_not_billable": "code", "price_missing": "code", "revenue_code_missing": "code",
     "department_unmapped": "code", "unknown_item": "code", "lot_or_serial_missing": "code",
     "units_not_positive": "quantity", "units_too_high": "quantity",
     "units_not_whole": "quantity", "date_out_of_range": "service_date",

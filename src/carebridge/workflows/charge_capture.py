@@ -5,6 +5,9 @@ item's reason, so that the same input always gives the same outcome. Pricing
 follows one rule: a price the source sent (HL7 FT1-11/FT1-12, FHIR
 ChargeItem) is kept as sent after checking it is consistent; otherwise the
 house chargemaster's price times the units, rounded half-up to the cent.
+The rules in force on the service date apply first: a coding edit replaces
+a code before the crosswalk (or refuses it), and a pricing rule multiplies
+the chargemaster's unit price.
 """
 
 from __future__ import annotations
@@ -113,14 +116,26 @@ class ChargeCapture:
         rejection = self.check_service(service, encounter_found)
         if rejection:
             return rejection
+        rules = self.config.rule_book.in_force(service.service_date)
+        code = service.code
+        edit = rules.coding_edit(service.code_system, code)
+        if edit is not None:
+            if edit.action != "replace" or not edit.replacement:
+                return Rejection(
+                    Reason.CODE_NOT_BILLABLE,
+                    f"{service.code_system} code {code!r} is not billed under rules "
+                    f"{rules.version} ({edit.reason or 'coding edit'}); correct the code "
+                    "and replay, or reject the item",
+                )
+            code = edit.replacement
         if service.code_system == CDM:
-            charge_code: str | None = service.code
+            charge_code: str | None = code
         else:
-            charge_code = self.config.crosswalk.get((service.code_system, service.code))
+            charge_code = self.config.crosswalk.get((service.code_system, code))
         if charge_code is None:
             return Rejection(
                 Reason.UNKNOWN_CODE,
-                f"{service.code_system} code {service.code!r} has no crosswalk entry; "
+                f"{service.code_system} code {code!r} has no crosswalk entry; "
                 "add it to the crosswalk or correct the code",
             )
         item = self.config.chargemaster.get(charge_code)
@@ -143,7 +158,8 @@ class ChargeCapture:
                 Reason.DEPARTMENT_UNMAPPED,
                 f"revenue code {revenue_code} maps to no department",
             )
-        amounts = self._amounts(service, item)
+        multiplier = rules.price_multiplier(charge_code, revenue_code)
+        amounts = self._amounts(service, item, multiplier)
         if isinstance(amounts, Rejection):
             return amounts
         unit_price, amount = amounts
@@ -166,13 +182,15 @@ class ChargeCapture:
         )
 
     def _amounts(
-        self, service: Service, item: ChargeItem
+        self, service: Service, item: ChargeItem, multiplier: Decimal = Decimal(1)
     ) -> tuple[Decimal, Decimal] | Rejection:
         """Return (unit price, signed amount); credits are negative.
 
         A price the source sent must be positive and consistent with the
         units, since it replaces the chargemaster's; a credit (FT1-6 ``CD``)
-        reverses whatever sign was sent.
+        reverses whatever sign was sent. The rules' pricing ``multiplier``
+        applies to the chargemaster's price only: the unit price is rounded
+        to the cent first, so units times unit price is the amount.
         """
         if service.currency != self.rules.currency:
             return Rejection(
@@ -187,7 +205,8 @@ class ChargeCapture:
             if isinstance(amounts, Rejection):
                 return amounts
         else:
-            amounts = (item.price, to_cents(item.price * quantity))
+            unit = item.price if multiplier == 1 else to_cents(item.price * multiplier)
+            amounts = (unit, to_cents(unit * quantity))
         unit_price, amount = amounts
         if amount <= 0 or unit_price <= 0:
             if not source_priced:

@@ -15,6 +15,7 @@ class Reason(StrEnum):
     MALFORMED_INPUT = "malformed_input"
     CONTROL_ID_REUSED = "control_id_reused"
     UNKNOWN_CODE = "unknown_code"
+    CODE_NOT_BILLABLE = "code_not_billable"
     ENCOUNTER_NOT_FOUND = "encounter_not_found"
     UNITS_NOT_POSITIVE = "units_not_positive"
     UNITS_TOO_HIGH = "units_too_high"
@@ -69,6 +70,7 @@ TEAM_BY_REASON: dict[Reason, Team] = {
     Reason.MALFORMED_INPUT: Team.INTEGRATION,
     Reason.CONTROL_ID_REUSED: Team.INTEGRATION,
     Reason.UNKNOWN_CODE: Team.REVENUE_CYCLE,
+    Reason.CODE_NOT_BILLABLE: Team.REVENUE_CYCLE,
     Reason.ENCOUNTER_NOT_FOUND: Team.REVENUE_CYCLE,
     Reason.UNITS_NOT_POSITIVE: Team.REVENUE_CYCLE,
     Reason.UNITS_TOO_HIGH: Team.REVENUE_CYCLE,
