@@ -254,3 +254,36 @@ def test_bundled_siu_copy_is_one_booking(
     _ingest(engine, config, tmp_path, "again.hl7", SIU_SAMPLE.read_bytes())
     assert _count(engine, scheduled_services) == 1
     assert _count(engine, work_items, work_items.c.reason == "authorization_missing") == 1
+
+
+def office_visit(control_id: str, day: str) -> bytes:
+    """A DFT^P03 charging one 99213 office visit to PATID1234 on ``day`` (YYYYMMDD)."""
+    return hl7(
+        f"MSH|^~\\&|CHGSYS|SENDFAC|FINAPP|RCVFAC|{day}120000||DFT^P03|{control_id}|P|2.5",
+        f"EVN|P03|{day}120000",
+        f"PID|1||{PATIENT}^^^GHHSFacility^MR||TESTPATIENT^ALPHA",
+        f"PV1|1|O|CLINIC1||||||||||||||||VIS{control_id}",
+        f"FT1|1|TXN{control_id}||{day}|{day}|CG|99213^OFFICE VISIT EST^CPT|||1|135.50&USD",
+    )
+
+
+def test_units_charged_beyond_the_authorization_are_exhausted(
+    engine: Engine, config: Configuration, tmp_path: Path
+) -> None:
+    # One unit of 99213 authorized for September and October 2021.
+    granted = referral("REFU01", code="99213").replace(b"^Biopsy of colon^SCT", b"^Visit^CPT")
+    _ingest(engine, config, tmp_path, "ref.hl7", granted)
+    _ingest(engine, config, tmp_path, "visit1.hl7", office_visit("DFTU01", "20210910"))
+
+    def status(day: dt.date, *, count_units: bool = True) -> str:
+        with engine.connect() as conn:
+            return authorization_status(conn, PATIENT, "99213", day, code_system="CPT",
+                                        count_units=count_units)
+
+    assert status(dt.date(2021, 9, 10)) == "approved"
+    _ingest(engine, config, tmp_path, "visit2.hl7", office_visit("DFTU02", "20211005"))
+    # The first visit used the one unit; the second goes beyond it.
+    assert status(dt.date(2021, 9, 10)) == "approved"
+    assert status(dt.date(2021, 10, 5)) == "exhausted"
+    # A booking is checked without counting units.
+    assert status(dt.date(2021, 10, 5), count_units=False) == "approved"

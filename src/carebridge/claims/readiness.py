@@ -56,17 +56,19 @@ class AuthorizationLookup(Protocol):
     a lookup over the recorded authorizations is passed to the claims step.
     """
 
-    def approved(
+    def status(
         self, conn: Connection, *, encounter_id: str, patient_id: str,
         system: str, code: str, service_date: dt.date,
-    ) -> bool:
-        """Return whether an approved, unexpired authorization covers the service."""
+    ) -> str:
+        """Return ``approved`` when an approved, unexpired authorization with
+        units left covers the service; otherwise why not (``missing``,
+        ``pending``, ``expired``, ``exhausted``)."""
         ...
 
 
 class _NoAuthorizations:
-    def approved(self, conn: Connection, **_service: object) -> bool:
-        return False
+    def status(self, conn: Connection, **_service: object) -> str:
+        return "missing"
 
 
 NO_AUTHORIZATIONS: AuthorizationLookup = _NoAuthorizations()
@@ -76,17 +78,25 @@ class RecordedAuthorizations:
     """The authorizations carebridge recorded from ServiceRequest, REF^I12 and
     preauthorization Claims (table ``authorizations``)."""
 
-    def approved(
+    def status(
         self, conn: Connection, *, encounter_id: str, patient_id: str,
         system: str, code: str, service_date: dt.date,
-    ) -> bool:
+    ) -> str:
         from carebridge.workflows.authorizations import authorization_status
 
-        state = authorization_status(conn, patient_id, code, service_date, code_system=system)
-        return state == "approved"
+        # Units count here: the charges are what uses them up.
+        return authorization_status(conn, patient_id, code, service_date,
+                                    code_system=system, count_units=True)
 
 
 RECORDED_AUTHORIZATIONS: AuthorizationLookup = RecordedAuthorizations()
+
+_STATE_TEXT = {
+    "exhausted": "its authorized units are used up",
+    "missing": "none on record",
+    "pending": "waiting for the payer's decision",
+    "expired": "expired before the service date",
+}
 
 
 @dataclass(slots=True)
@@ -350,11 +360,12 @@ def _unauthorized(
         for system, code in keys:
             if (system, code) not in required(row.service_date):
                 continue
-            if not authorizations.approved(
+            state = authorizations.status(
                 conn, encounter_id=facts.encounter_id, patient_id=facts.encounter.patient_id,
                 system=system, code=code, service_date=row.service_date,
-            ):
-                label = f"{system} {code}"
+            )
+            if state != "approved":
+                label = f"{system} {code} ({_STATE_TEXT.get(state, state)})"
                 if label not in missing:
                     missing.append(label)
             break

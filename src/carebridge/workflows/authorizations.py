@@ -20,9 +20,10 @@ from __future__ import annotations
 import datetime as dt
 import logging
 from dataclasses import dataclass
+from decimal import Decimal
 from typing import Literal
 
-from sqlalchemy import Connection, Row, delete, func, insert, select, update
+from sqlalchemy import Connection, Row, delete, func, insert, or_, select, update
 
 from carebridge.config.model import Configuration
 from carebridge.errors import InputError
@@ -38,6 +39,7 @@ from carebridge.model.authorizations import (
 from carebridge.store.bodies import raw_column, with_bodies
 from carebridge.store.schema import (
     authorizations,
+    charge_lines,
     messages,
     scheduled_services,
     workflow_cursors,
@@ -59,7 +61,7 @@ transactions are expected to last far less than this."""
 HL7_TYPES = (b"REF^I12", b"SIU^S12")
 FHIR_TYPES = (b'"ServiceRequest"', b'"Claim"', b'"ClaimResponse"')
 
-AuthorizationState = Literal["approved", "pending", "missing", "expired"]
+AuthorizationState = Literal["approved", "exhausted", "pending", "missing", "expired"]
 
 _REASON_BY_STATE = {
     "missing": Reason.AUTHORIZATION_MISSING,
@@ -75,10 +77,14 @@ def authorization_status(
     service_date: dt.date,
     *,
     code_system: str | None = None,
+    count_units: bool = False,
 ) -> AuthorizationState:
     """Return whether a service on ``service_date`` is authorized for the patient.
 
     ``approved``: an approved authorization for the code covers the date.
+    ``exhausted``: approved ones cover the date, but with ``count_units``
+    the units charged for the code from their start through the date
+    exceed the units they grant (see :func:`units_charged`).
     ``pending``: none is approved, but one is still waiting for a decision.
     ``expired``: an approved one existed but ended before the date.
     ``missing``: nothing else (none at all, denied, cancelled, or one that
@@ -90,26 +96,67 @@ def authorization_status(
         code: The service code, in the code system the authorization names.
         service_date: The date of service.
         code_system: Restricts the match to one code system when given.
+        count_units: Compare the units charged with the units granted.
+            Billing asks for this; a booking (not yet charged) does not.
     """
     query = select(authorizations.c.status, authorizations.c.valid_from,
-                   authorizations.c.valid_to).where(
+                   authorizations.c.valid_to, authorizations.c.units).where(
         authorizations.c.patient_id == patient_id, authorizations.c.code == code
     )
     if code_system is not None:
         query = query.where(authorizations.c.code_system == code_system)
     found: set[str] = set()
+    covering = []
     for row in conn.execute(query):
         if row.valid_from is not None and row.valid_from > service_date:
             continue
         ended = row.valid_to is not None and row.valid_to < service_date
         if row.status == AuthorizationStatus.APPROVED:
             found.add("expired" if ended else "approved")
+            if not ended:
+                covering.append(row)
         elif row.status == AuthorizationStatus.PENDING and not ended:
             found.add("pending")
+    if "approved" in found and count_units and all(r.units is not None for r in covering):
+        granted = sum((Decimal(str(r.units)) for r in covering), Decimal(0))
+        starts = [r.valid_from for r in covering]
+        since = None if None in starts else min(starts)
+        used = units_charged(conn, patient_id, code, code_system, since, service_date)
+        if used > granted:
+            return "exhausted"
     for state in ("approved", "pending", "expired"):
         if state in found:
             return state  # type: ignore[return-value]
     return "missing"
+
+
+def units_charged(
+    conn: Connection,
+    patient_id: str,
+    code: str,
+    code_system: str | None,
+    since: dt.date | None,
+    through: dt.date,
+) -> Decimal:
+    """Return the units charged to the patient for ``code`` between two dates.
+
+    CPT and HCPCS codes match a charge line's HCPCS code, CDM codes its
+    charge code; with no code system either matches. Credits (negative
+    units) give units back.
+    """
+    if code_system in ("CPT", "HCPCS"):
+        matches = charge_lines.c.hcpcs == code
+    elif code_system == "CDM":
+        matches = charge_lines.c.charge_code == code
+    else:
+        matches = or_(charge_lines.c.hcpcs == code, charge_lines.c.charge_code == code)
+    query = select(charge_lines.c.units).where(
+        charge_lines.c.patient_id == patient_id, matches,
+        charge_lines.c.service_date <= through,
+    )
+    if since is not None:
+        query = query.where(charge_lines.c.service_date >= since)
+    return sum((Decimal(str(units)) for units in conn.execute(query).scalars()), Decimal(0))
 
 
 @dataclass(slots=True)
