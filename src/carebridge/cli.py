@@ -121,7 +121,8 @@ def print_summary(summary: dict[str, Any]) -> None:
     erp = summary.get("erp")
     if erp is not None:
         lines.append(
-            f"  ERP (Tryton)         {erp['moves']:>8}   moves, {erp['stock_moves']} stock moves"
+            f"  ERP (Tryton)         {erp['moves']:>8}   moves, {erp['stock_moves']} stock moves,"
+            f" {erp['purchase_orders']} purchase orders, {erp['invoices']} invoices"
             f"  [{'matches the ledger' if erp['matches_ledger'] else 'DIFFERS FROM THE LEDGER'}]"
         )
     check = summary.get("ledger_check")

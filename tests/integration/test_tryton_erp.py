@@ -26,6 +26,7 @@ import pytest
 from sqlalchemy import Engine, func, select, text
 from sqlalchemy.exc import DBAPIError
 
+from carebridge.claims.invoice import claim_payload
 from carebridge.config import load_configuration
 from carebridge.config.model import AccountType, Configuration
 from carebridge.destinations import tryton
@@ -44,6 +45,7 @@ from carebridge.reconcile import reconcile
 from carebridge.store.db import open_engine, sqlite_url
 from carebridge.store.schema import (
     approvals,
+    claims,
     journal_lines,
     journals,
     messages,
@@ -58,6 +60,14 @@ from carebridge.workflows.procurement import (
     record_decision,
 )
 
+from .test_claims_demo import (
+    ENCOUNTER,
+    _claims_of,
+    _first_delivery,
+    _is_late,
+    _rows,
+    _write,
+)
 from .tryton_support import (
     BIN_DIR,
     CENT,
@@ -68,7 +78,9 @@ from .tryton_support import (
     build_template,
     count_rows,
     delete_move,
+    read_account_totals,
     read_books,
+    read_invoices,
     read_purchases,
     server,
     site_from_template,
@@ -721,6 +733,132 @@ def test_purchase_orders_reach_tryton_once(
     _assert_purchases_match(expected, database)
 
 
+def _claim_deliveries(engine: Engine) -> dict[str, tuple[str, str | None, str | None]]:
+    """Claim reference -> (state, last_error, response) of its newest delivery."""
+    with engine.connect() as conn:
+        rows = conn.execute(
+            select(
+                deliveries_table.c.idempotency_key,
+                deliveries_table.c.state,
+                deliveries_table.c.last_error,
+                deliveries_table.c.response,
+            )
+            .where(deliveries_table.c.kind == "claim")
+            .order_by(deliveries_table.c.id)
+        ).all()
+    return {
+        row.idempotency_key.rsplit(":", 1)[1]: (row.state, row.last_error, row.response)
+        for row in rows
+    }
+
+
+def _expected_invoices(engine: Engine) -> dict[str, tuple]:
+    """Each claim ever released, by invoice key: reference, payer, total, lines."""
+    with engine.connect() as conn:
+        rows = conn.execute(
+            select(claims).where(claims.c.state.in_(("released", "replaced")))
+        ).all()
+        lines: dict[int, list] = defaultdict(list)
+        for claim_id, line_no, amount in conn.execute(
+            text("SELECT claim_id, line_no, amount FROM claim_lines ORDER BY claim_id, line_no")
+        ):
+            lines[claim_id].append((line_no, Decimal(str(amount)).quantize(CENT)))
+    return {
+        idempotency_key(DESTINATION, "claim", row.claim_reference): (
+            row.claim_reference,
+            "DEMOPAYER1",
+            row.total.quantize(CENT),
+            tuple(lines[row.id]),
+        )
+        for row in rows
+    }
+
+
+def _assert_invoices_posted(engine: Engine, invoices: dict) -> None:
+    for key, (reference, payer, total, lines) in _expected_invoices(engine).items():
+        found = invoices[key]
+        assert found.state == "posted", key
+        assert found.reference == reference, key
+        assert found.payer == payer, key
+        assert found.total == total, key
+        assert found.lines == lines, key
+
+
+def test_released_claims_become_invoices_once(running, site, tmp_path: Path) -> None:
+    config = load_configuration(
+        write_config_dir(tmp_path / "config", site, kinds=["claim"])
+    )
+    engine = _engine(tmp_path)
+    database = site.sqlite_path("erp")
+    run_job(engine, config, JobOptions(paths=[_first_delivery(tmp_path)], out_dir=None))
+    with engine.begin() as conn:
+        first_claim = conn.execute(
+            select(claims.c.id).where(claims.c.state == "released").order_by(claims.c.id)
+        ).scalars().first()
+        unknown = claim_payload(conn, config, first_claim)
+        unknown["claim"].update(claim_reference="CB-UNKNOWN", payer_id="NOPE-PAYER")
+        key = idempotency_key(DESTINATION, "claim", "CB-UNKNOWN")
+        enqueue(conn, DESTINATION, "claim", first_claim, key, unknown)
+    _drain(engine, config)
+
+    expected = _expected_invoices(engine)
+    assert expected
+    states = _claim_deliveries(engine)
+    state, error, _response = states.pop("CB-UNKNOWN")
+    assert state == "dead"
+    assert "payer NOPE-PAYER is not a party in Tryton" in error
+    assert {state for state, _error, _response in states.values()} == {"delivered"}
+    invoices = read_invoices(database)
+    assert set(invoices) == set(expected)
+    _assert_invoices_posted(engine, invoices)
+
+    # Each invoice moves its claim from carebridge's receivable (1200) to the
+    # payer's billed receivable (1.2.1). The clearing account nets to zero
+    # and no revenue is booked.
+    billed = sum(total for _ref, _payer, total, _lines in expected.values())
+    totals = read_account_totals(database)
+    assert set(totals) == {"1.2.1", "1200", "CB-CLAIMS"}
+    assert totals["1.2.1"] == (billed, Decimal(0))
+    assert totals["1200"] == (Decimal(0), billed)
+    assert totals["CB-CLAIMS"] == (billed, billed)
+
+    # A replay of every delivery creates no second invoice or move.
+    moves = count_rows(database, "account_move")
+    with engine.begin() as conn:
+        conn.execute(deliveries_table.update().values(state="dead"))
+        replay(conn, destination=DESTINATION)
+    _drain(engine, config)
+    states = _claim_deliveries(engine)
+    assert states.pop("CB-UNKNOWN")[0] == "dead"
+    for state, _error, response in states.values():
+        assert state == "delivered"
+        assert "(found by external_ref)" in response
+    assert count_rows(database, "account_invoice") == len(expected)
+    assert count_rows(database, "account_move") == moves
+
+    # A late charge replaces a released claim: the old invoice is credited,
+    # never edited, and the replacement gets an invoice of its own.
+    late = _write(tmp_path / "late", "procedures.csv", _rows("procedures.csv", _is_late))
+    run_job(engine, config, JobOptions(paths=[late], out_dir=None))
+    _drain(engine, config)
+    replaced, corrected = _claims_of(engine, ENCOUNTER)
+    assert replaced.state == "replaced"
+    assert corrected.state == "released"
+    invoices = read_invoices(database)
+    credit = invoices[idempotency_key(DESTINATION, "claim", replaced.claim_reference) + ":credit"]
+    assert credit.state == "posted"
+    assert credit.total == -replaced.total.quantize(CENT)
+    assert sum(amount for _line, amount in credit.lines) == credit.total
+    assert len(invoices) == len(_expected_invoices(engine)) + 1
+    _assert_invoices_posted(engine, invoices)
+    assert _claim_deliveries(engine)[corrected.claim_reference][0] == "delivered"
+    billed += corrected.total.quantize(CENT) - replaced.total.quantize(CENT)
+    debit, credit_total = read_account_totals(database)["1.2.1"]
+    assert debit - credit_total == billed
+    debit, credit_total = read_account_totals(database)["1200"]
+    assert credit_total - debit == billed
+
+
 def test_demo_erp_reports_tryton_totals(tmp_path: Path) -> None:
     out = tmp_path / "demo"
     command = [
@@ -744,7 +882,13 @@ def test_demo_erp_reports_tryton_totals(tmp_path: Path) -> None:
         order_count = orders.scalar_one()
     assert order_count > 0
     assert erp["purchase_orders"] == order_count
-    assert erp["invoices"] == 0
+    with open_engine(summary["database"]).connect() as conn:
+        released = conn.execute(
+            select(func.count()).select_from(claims).where(claims.c.state == "released")
+        ).scalar_one()
+    assert released > 80
+    assert erp["invoices"] == released
+    assert erp["credit_notes"] == 0
     assert erp["matches_ledger"] is True
     assert erp["deliveries"]["dead"] == 0
     assert Path(erp["database"]).is_file()

@@ -40,6 +40,8 @@ BIN_DIR = Path(sys.executable).parent
 CENT = Decimal("0.01")
 FIRST_YEAR = 1990
 """The oldest posting date in the bundled data is in 1992."""
+CLAIM_KEYS = "carebridge:%:claim:%"
+"""The keys of the moves that clear claim invoices, which are not journals."""
 
 
 def build_template(folder: Path, config: Configuration) -> Path:
@@ -102,9 +104,9 @@ class TrytonBooks:
     """What Tryton contains, read from its tables."""
 
     moves: dict[str, tuple[str, Decimal, Decimal]]
-    """external_ref -> (state, total debit, total credit)."""
+    """external_ref -> (state, total debit, total credit), over journal moves."""
     account_totals: dict[str, tuple[Decimal, Decimal]]
-    """account code -> (debit, credit), over carebridge's moves."""
+    """account code -> (debit, credit), over carebridge's journal moves."""
     cost_center_totals: dict[str, tuple[Decimal, Decimal]]
     """analytic account code -> (debit, credit)."""
     stock_moves: dict[str, tuple[str, str, Decimal]]
@@ -138,7 +140,8 @@ def read_books(database: Path | str) -> TrytonBooks:
         moves: dict[str, tuple[str, Decimal, Decimal]] = {}
         rows = connection.execute(
             "SELECT m.external_ref, m.state, l.debit, l.credit FROM account_move m "
-            "JOIN account_move_line l ON l.move = m.id WHERE m.external_ref IS NOT NULL"
+            "JOIN account_move_line l ON l.move = m.id WHERE m.external_ref IS NOT NULL "
+            f"AND m.external_ref NOT LIKE '{CLAIM_KEYS}'"
         )
         sums: dict[str, list] = {}
         for ref, state, debit, credit in rows:
@@ -155,7 +158,7 @@ def read_books(database: Path | str) -> TrytonBooks:
         rows = connection.execute(
             "SELECT a.code, l.debit, l.credit FROM account_move_line l "
             "JOIN account_move m ON l.move = m.id JOIN account_account a ON l.account = a.id "
-            "WHERE m.external_ref IS NOT NULL"
+            f"WHERE m.external_ref IS NOT NULL AND m.external_ref NOT LIKE '{CLAIM_KEYS}'"
         )
         for code, debit, credit in rows:
             accounts[code][0] += _money(debit)
@@ -235,6 +238,70 @@ def read_purchases(database: Path | str) -> dict[str, TrytonPurchase]:
     finally:
         connection.close()
     return purchases
+
+
+@dataclass(frozen=True)
+class TrytonInvoice:
+    """An account.invoice that carries an external key, read from Tryton's tables."""
+
+    state: str
+    reference: str
+    payer: str
+    """The party's code."""
+    total: Decimal | None
+    """The total Tryton stores when it posts the invoice, or None before that."""
+    lines: tuple[tuple[int, Decimal], ...]
+    """(sequence, quantity times unit price) per line, in line order."""
+
+
+def read_invoices(database: Path | str) -> dict[str, TrytonInvoice]:
+    """Read carebridge's invoices and credit notes from a Tryton database, by external_ref."""
+    connection = _connect(database)
+    try:
+        lines: dict[int, list[tuple[int, Decimal]]] = defaultdict(list)
+        rows = connection.execute(
+            "SELECT invoice, sequence, quantity, unit_price FROM account_invoice_line "
+            "ORDER BY invoice, sequence, id"
+        )
+        for invoice, sequence, quantity, unit_price in rows:
+            amount = (_number(quantity) * _number(unit_price)).quantize(CENT)
+            lines[invoice].append((sequence, amount))
+        rows = connection.execute(
+            "SELECT i.id, i.external_ref, i.state, i.reference, p.code, "
+            "i.total_amount_cache FROM account_invoice i "
+            "JOIN party_party p ON i.party = p.id WHERE i.external_ref IS NOT NULL"
+        )
+        invoices = {
+            ref: TrytonInvoice(
+                state=state,
+                reference=reference,
+                payer=payer,
+                total=_money(total) if total is not None else None,
+                lines=tuple(lines[invoice]),
+            )
+            for invoice, ref, state, reference, payer, total in rows
+        }
+    finally:
+        connection.close()
+    return invoices
+
+
+def read_account_totals(database: Path | str) -> dict[str, tuple[Decimal, Decimal]]:
+    """Return (debit, credit) per account code over every posted move in Tryton."""
+    connection = _connect(database)
+    try:
+        totals: dict[str, list[Decimal]] = defaultdict(lambda: [Decimal(0), Decimal(0)])
+        rows = connection.execute(
+            "SELECT a.code, l.debit, l.credit FROM account_move_line l "
+            "JOIN account_move m ON l.move = m.id "
+            "JOIN account_account a ON l.account = a.id WHERE m.state = 'posted'"
+        )
+        for code, debit, credit in rows:
+            totals[code][0] += _money(debit)
+            totals[code][1] += _money(credit)
+    finally:
+        connection.close()
+    return {code: (debit, credit) for code, (debit, credit) in totals.items()}
 
 
 def count_rows(database: Path | str, table: str) -> int:

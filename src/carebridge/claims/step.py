@@ -14,7 +14,9 @@ The step runs after journal posting, in two phases that each commit:
    charge lines, NPI check digits, ZIP+4) and validated by pyx12. A claim
    that passes is ``released`` with its X12 text, and the version it
    replaces becomes ``replaced``; one that fails is ``held`` as
-   ``claim_invalid``.
+   ``claim_invalid``. A released claim is enqueued in the same transaction
+   to the destinations whose ``kinds`` list ``claim``
+   (:mod:`carebridge.claims.invoice`).
 
 Logs name claim ids and counts only, because claim content, visit numbers
 included, is PHI.
@@ -42,6 +44,7 @@ from carebridge.claims.build837 import (
     PatientFacts,
     build_837,
 )
+from carebridge.claims.invoice import enqueue_claim
 from carebridge.claims.readiness import (
     NO_AUTHORIZATIONS,
     RECORDED_AUTHORIZATIONS,
@@ -110,7 +113,7 @@ def run_claims(
                              run_id=run_id, authorizations=authorizations, result=result,
                              rule_book=getattr(config, "rule_book", None))
     release_ready(engine, billing, now=now, run_id=run_id, batch_size=batch_size,
-                  result=result)
+                  result=result, config=config)
     if result.checked:
         log.info("claims step done", extra={
             "action": "claims_done", "checked": result.checked, "held": result.held,
@@ -308,8 +311,13 @@ def release_ready(
     run_id: int | None = None,
     batch_size: int = 200,
     result: ClaimsResult | None = None,
+    config: Configuration | None = None,
 ) -> ClaimsResult:
-    """Build, check and validate every ``ready`` claim; release it or hold it."""
+    """Build, check and validate every ``ready`` claim; release it or hold it.
+
+    With ``config``, each released claim is enqueued, in the transaction
+    that releases it, to the destinations whose ``kinds`` list ``claim``.
+    """
     result = result if result is not None else ClaimsResult()
     seen: set[int] = set()
     while True:
@@ -321,7 +329,7 @@ def release_ready(
             if not ready:
                 return result
             seen.update(row.id for row in ready)
-            _release_batch(conn, ready, billing, now, run_id, result)
+            _release_batch(conn, ready, billing, now, run_id, result, config)
 
 
 def _release_batch(
@@ -331,6 +339,7 @@ def _release_batch(
     now: dt.datetime,
     run_id: int | None,
     result: ClaimsResult,
+    config: Configuration | None = None,
 ) -> None:
     texts: dict[int, str] = {}
     problems: dict[int, list[str]] = {}
@@ -352,6 +361,8 @@ def _release_batch(
     for claim in ready:
         if claim.id in texts:
             _mark_released(conn, claim, texts[claim.id], now, run_id)
+            if config is not None:
+                enqueue_claim(conn, config, claim.id, now=now)
             result.released += 1
             result.replacements += claim.replaces_claim_id is not None
         else:

@@ -74,8 +74,9 @@ class RulesSection(_Strict):
     encounter_wait_hours: int = Field(default=24, ge=0)
 
 
-DELIVERY_KINDS = ("journal", "charge_line", "supply_issue", "purchase_order")
-"""Record kinds the engine enqueues for delivery."""
+DELIVERY_KINDS = ("journal", "charge_line", "supply_issue", "purchase_order", "claim")
+"""Record kinds the engine enqueues for delivery. ``claim`` is a released claim,
+which an ERP destination books as a customer invoice."""
 
 
 class DestinationEntry(_Strict):

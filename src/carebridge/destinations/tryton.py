@@ -1,4 +1,4 @@
-"""A Tryton ERP destination: journals, supply issues and purchase orders over JSON-RPC.
+"""A Tryton ERP destination: journals, supply issues, purchase orders and claims over JSON-RPC.
 
 Deliveries arrive in batches (``send_batch``, about 100 per claim), so a
 batch makes a handful of JSON-RPC calls in all instead of several per
@@ -23,6 +23,13 @@ Per batch and kind:
   line. The batch is quoted, then confirmed, so Tryton creates the draft
   incoming stock moves and the order is ``processing`` (``confirmed`` if
   Tryton's queue has not processed it yet).
+* ``claim``: one customer ``account.invoice`` per released claim, to the
+  payer's party (found like a supplier), posted, and one ``account.move``
+  that clears the invoice lines' account into carebridge's receivable
+  account, so the claim moves from unbilled to billed receivables and no
+  revenue is booked twice. A replacement claim first gets a credit note for
+  the invoice it replaces. See :meth:`TrytonDestination._send_claims` and
+  docs/erp-tryton.md.
 
 Each document carries the delivery's idempotency key in ``external_ref``,
 which carebridge's Tryton module makes unique per company. A batch first
@@ -37,13 +44,14 @@ Tryton's message as the reason.
 Connection errors, timeouts, HTTP 5xx and server exceptions are retried.
 Tryton's ``UserError`` (a missing period, an unknown account or item, short
 stock) is permanent, and so is a record carebridge cannot map (an unknown
-supplier, a currency other than the company's). Such a delivery goes to
+supplier or payer, a currency other than the company's). Such a delivery goes to
 the dead letters, where it stays until a person fixes the data in Tryton
 and replays it.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import json
 import logging
@@ -74,6 +82,12 @@ log = logging.getLogger(__name__)
 
 DETAIL_LIMIT = 300
 INCOME_STATEMENT = "income"
+UNIT_PRICE = Decimal("0.0001")
+"""Tryton's default precision of unit prices on invoice lines."""
+CREDIT = ":credit"
+"""Appended to a replaced claim's invoice key to make its credit note's key."""
+CLEARING = ":clearing"
+"""Appended to an invoice's or credit note's key to make its clearing move's key."""
 
 _CLIENTS: dict[tuple[Any, ...], TrytonClient] = {}
 
@@ -88,6 +102,13 @@ class TrytonSettings(BaseModel):
     looked up as is. A supplier code is a party's code or the code of one of
     its identifiers. ``warehouse`` is the code of the warehouse location
     that purchase orders deliver to.
+
+    Claim invoices use the journal ``invoice_journal``, the payer's party
+    (its code is the payer id, or the code mapped in ``payer_codes``), the
+    billed receivable ``invoice_receivable_account`` (by default the payer's
+    receivable account, else the company's default one) and the
+    revenue-type clearing account ``invoice_clearing_account`` on their
+    lines. These three are Tryton codes.
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True, str_strip_whitespace=True)
@@ -107,6 +128,10 @@ class TrytonSettings(BaseModel):
     cost_center_codes: dict[str, str] = Field(default_factory=dict)
     item_codes: dict[str, str] = Field(default_factory=dict)
     supplier_codes: dict[str, str] = Field(default_factory=dict)
+    payer_codes: dict[str, str] = Field(default_factory=dict)
+    invoice_journal: str = Field(default="REV", min_length=1)
+    invoice_receivable_account: str | None = Field(default=None, min_length=1)
+    invoice_clearing_account: str = Field(default="CB-CLAIMS", min_length=1)
 
     @model_validator(mode="after")
     def _one_password_source(self) -> TrytonSettings:
@@ -151,6 +176,19 @@ class _Prepared:
 
     outbound: Outbound
     values: dict[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class _Document:
+    """An invoice or credit note of a claim: what its clearing move needs."""
+
+    date: dt.date
+    amount: Decimal
+    """The signed total: positive for an invoice, negative for a credit note."""
+    party: int
+    receivable_account: str
+    """carebridge's receivable account code, which the clearing move credits."""
+    description: str
 
 
 _Finish = Callable[[TrytonClient, dict[int, str]], None]
@@ -232,8 +270,21 @@ def _confirm_purchases(client: TrytonClient, records: dict[int, str]) -> None:
     client.model("purchase.purchase", "confirm", list(records))
 
 
+def _post_invoices(client: TrytonClient, records: dict[int, str]) -> None:
+    # Tryton 8.2 posts a draft invoice directly: validate_invoice is an
+    # optional step (it numbers supplier invoices only).
+    client.model("account.invoice", "post", list(records))
+
+
 MOVES = _Workflow("account.move", _post_moves, frozenset({"posted"}), "posted")
 ISSUES = _Workflow("stock.move", _issue_moves, frozenset({"done"}), "done")
+INVOICES = _Workflow(
+    "account.invoice",
+    _post_invoices,
+    frozenset({"posted", "paid"}),
+    "posted",
+    finishable_states=frozenset({"draft", "validated"}),
+)
 PURCHASES = _Workflow(
     "purchase.purchase",
     _confirm_purchases,
@@ -244,7 +295,7 @@ PURCHASES = _Workflow(
 
 
 class TrytonDestination:
-    """Delivers journals, supply issues and purchase orders to one Tryton database."""
+    """Delivers journals, supply issues, purchase orders and claims to one Tryton database."""
 
     def __init__(self, name: str, settings: TrytonSettings) -> None:
         self.name = name
@@ -258,9 +309,14 @@ class TrytonDestination:
         self._journal: int | None = None
         self._company_currency: str | None = None
         self._company_currency_id: int | None = None
-        self._suppliers: dict[str, tuple[int, int | None]] = {}
-        self._supplier_problems: dict[str, str] = {}
+        self._parties: dict[str, tuple[int, int | None]] = {}
+        self._shared_identifiers: dict[str, list[int]] = {}
         self._warehouse: int | None = None
+        self._party_accounts: set[int] = set()
+        self._receivables: dict[int, int] = {}
+        self._default_receivable: int | None = None
+        self._invoice_journal: int | None = None
+        self._unit: int | None = None
 
     @classmethod
     def build(cls, name: str, settings: BaseModel) -> TrytonDestination:
@@ -328,6 +384,7 @@ class TrytonDestination:
             "journal": self._send_journals,
             "supply_issue": self._send_issues,
             "purchase_order": self._send_purchases,
+            "claim": self._send_claims,
         }
 
     def _connect(self) -> TrytonClient:
@@ -535,7 +592,9 @@ class TrytonDestination:
                 f"purchase order {po_number} currency {order['currency']} differs "
                 f"from the Tryton company currency {self._company_currency}"
             )
-        party, address = self._supplier(client, order["supplier"])
+        party, address = self._party(
+            client, order["supplier"], "supplier", "supplier_codes"
+        )
         lines = []
         for line in order["lines"]:
             quantity = _decimal(line["quantity"], "quantity")
@@ -591,10 +650,10 @@ class TrytonDestination:
             except (ValueError, KeyError, TypeError):
                 continue  # reported for that delivery when its values are built
             codes.add(self.settings.supplier_codes.get(supplier, supplier))
-        known = set(self._suppliers) | set(self._supplier_problems)
-        self._load_suppliers(client, sorted(codes - known))
+        known = set(self._parties) | set(self._shared_identifiers)
+        self._load_parties(client, sorted(codes - known))
 
-    def _load_suppliers(self, client: TrytonClient, codes: list[str]) -> None:
+    def _load_parties(self, client: TrytonClient, codes: list[str]) -> None:
         """Find each code's party, by party code first, then by identifier code.
 
         Inactive parties and addresses are not found. The address is the
@@ -622,12 +681,7 @@ class TrytonDestination:
                 if len(found) == 1:
                     parties[code] = found.pop()
                 else:
-                    ids = ", ".join(str(party) for party in sorted(found))
-                    self._supplier_problems[code] = (
-                        f"the identifier {code} belongs to {len(found)} Tryton "
-                        f"parties (ids {ids}); map the supplier to one party's "
-                        "code under supplier_codes in the destination's settings"
-                    )
+                    self._shared_identifiers[code] = sorted(found)
         if not parties:
             return
         addresses: dict[int, list[dict[str, Any]]] = defaultdict(list)
@@ -642,33 +696,382 @@ class TrytonDestination:
             rows = addresses.get(party, [])
             invoice = next((row for row in rows if row["invoice"]), None)
             chosen = invoice or (rows[0] if rows else None)
-            self._suppliers[code] = (party, chosen["id"] if chosen else None)
+            self._parties[code] = (party, chosen["id"] if chosen else None)
 
-    def _supplier(self, client: TrytonClient, code: str) -> tuple[int, int]:
-        """Return the supplier's party and invoice address, or reject the order."""
-        tryton_code = self.settings.supplier_codes.get(code, code)
-        if (
-            tryton_code not in self._suppliers
-            and tryton_code not in self._supplier_problems
-        ):
-            self._load_suppliers(client, [tryton_code])
+    def _party(
+        self, client: TrytonClient, code: str, role: str, setting: str
+    ) -> tuple[int, int]:
+        """Return the party and invoice address of a supplier or payer, or reject.
+
+        ``role`` names the party in messages (``supplier``, ``payer``) and
+        ``setting`` is the settings mapping from carebridge's codes to
+        Tryton's (``supplier_codes``, ``payer_codes``).
+        """
+        mapping: dict[str, str] = getattr(self.settings, setting)
+        tryton_code = mapping.get(code, code)
+        if tryton_code not in self._parties and tryton_code not in self._shared_identifiers:
+            self._load_parties(client, [tryton_code])
         named = code if tryton_code == code else f"{code} (Tryton code {tryton_code})"
-        if tryton_code in self._supplier_problems:
-            raise _Rejected(f"supplier {named}: {self._supplier_problems[tryton_code]}")
-        if tryton_code not in self._suppliers:
+        if tryton_code in self._shared_identifiers:
+            owners = self._shared_identifiers[tryton_code]
+            ids = ", ".join(str(party) for party in owners)
             raise _Rejected(
-                f"supplier {named} is not a party in Tryton: no active party has "
-                f"the code or an identifier {tryton_code}. Create the supplier's "
-                "party in Tryton, or map the supplier to its party's code under "
-                "supplier_codes in the destination's settings, then replay"
+                f"{role} {named}: the identifier {tryton_code} belongs to "
+                f"{len(owners)} Tryton parties (ids {ids}); map the {role} to one "
+                f"party's code under {setting} in the destination's settings"
             )
-        party, address = self._suppliers[tryton_code]
+        if tryton_code not in self._parties:
+            raise _Rejected(
+                f"{role} {named} is not a party in Tryton: no active party has "
+                f"the code or an identifier {tryton_code}. Create the {role}'s "
+                f"party in Tryton, or map the {role} to its party's code under "
+                f"{setting} in the destination's settings, then replay"
+            )
+        party, address = self._parties[tryton_code]
         if address is None:
             raise _Rejected(
-                f"supplier {named} (Tryton party id={party}) has no address; add "
+                f"{role} {named} (Tryton party id={party}) has no address; add "
                 "an invoice address to the party in Tryton, then replay"
             )
         return party, address
+
+    # --------------------------------------------------------------- claims
+
+    def _send_claims(
+        self, client: TrytonClient, items: list[Outbound]
+    ) -> dict[int, SendResult]:
+        """Book each released claim as a posted customer invoice to its payer.
+
+        A replacement claim (frequency 7) first gets a credit note for the
+        invoice of the claim it replaces, keyed by that claim, and then an
+        invoice of its own. Each invoice and credit note goes with a move
+        that clears its lines' account into carebridge's receivable account,
+        so the claim moves from unbilled to billed receivables without
+        booking revenue twice. A delivery is delivered when all of its
+        documents are posted; otherwise the first failure is its reason.
+        """
+        self._prefetch_payers(client, items)
+        failed: dict[int, str] = {}
+        details: dict[int, list[str]] = defaultdict(list)
+        claims: dict[int, dict[str, Any]] = {}
+        for item in items:
+            try:
+                claims[item.delivery_id] = json.loads(item.payload)["claim"]
+            except (ValueError, KeyError, TypeError) as exc:
+                failed[item.delivery_id] = _short(
+                    f"invalid payload: {type(exc).__name__} {exc}"
+                )
+        documents: dict[str, _Document] = {}
+        posted: list[Outbound] = []
+
+        def book(batch: list[Outbound], workflow: _Workflow, build) -> set[int]:
+            """Deliver ``batch`` with ``workflow``; return the delivered delivery ids."""
+            prepared, rejected = _prepare(batch, build)
+            for delivery_id, result in rejected.items():
+                failed.setdefault(delivery_id, result.detail)
+            results = self._deliver(client, workflow, prepared)
+            delivered = set()
+            for p in prepared:
+                result = results[p.outbound.delivery_id]
+                if result.verdict is Verdict.DELIVERED:
+                    delivered.add(p.outbound.delivery_id)
+                    details[p.outbound.delivery_id].append(result.detail)
+                    posted.append(p.outbound)
+                else:
+                    failed.setdefault(p.outbound.delivery_id, result.detail)
+            return delivered
+
+        def invoice(credit: bool):
+            return lambda item: self._invoice_values(
+                client, item, claims[item.delivery_id], credit, documents
+            )
+
+        valid = [item for item in items if item.delivery_id in claims]
+        originals = [i for i in valid if not claims[i.delivery_id].get("replaces")]
+        replacements = [i for i in valid if claims[i.delivery_id].get("replaces")]
+        book(originals, INVOICES, invoice(False))
+        if replacements:
+            credits = self._credit_outbounds(client, replacements, claims, failed)
+            credited = book(credits, INVOICES, invoice(True))
+            book(
+                [i for i in replacements if i.delivery_id in credited],
+                INVOICES,
+                invoice(False),
+            )
+        invoices = list(posted)
+        if invoices:
+            ids = self._find(
+                client, INVOICES.model, [o.idempotency_key for o in invoices]
+            )
+            clearing = [
+                dataclasses.replace(o, idempotency_key=o.idempotency_key + CLEARING)
+                for o in invoices
+            ]
+            book(
+                clearing,
+                MOVES,
+                lambda item: self._clearing_values(
+                    client,
+                    item,
+                    documents[item.idempotency_key.removesuffix(CLEARING)],
+                    ids[item.idempotency_key.removesuffix(CLEARING)][0],
+                ),
+            )
+
+        results: dict[int, SendResult] = {}
+        for item in items:
+            if item.delivery_id in failed:
+                results[item.delivery_id] = SendResult(
+                    Verdict.DEAD, failed[item.delivery_id]
+                )
+            else:
+                detail = "; ".join(details[item.delivery_id])
+                results[item.delivery_id] = SendResult(Verdict.DELIVERED, _short(detail))
+        return results
+
+    def _credit_outbounds(
+        self,
+        client: TrytonClient,
+        replacements: list[Outbound],
+        claims: dict[int, dict[str, Any]],
+        failed: dict[int, str],
+    ) -> list[Outbound]:
+        """Return the credit-note deliveries of ``replacements`` whose prior invoice is posted.
+
+        A credit note's key is the replaced claim's invoice key with
+        ``:credit``, so a replaced invoice is credited once whatever
+        delivery gets there. A replacement whose prior invoice is not posted
+        in Tryton goes dead: crediting an invoice that is not there would
+        leave the payer's account short.
+        """
+        replaced: dict[int, str] = {}
+        for item in replacements:
+            prior = claims[item.delivery_id]["replaces"]["claim_reference"]
+            replaced[item.delivery_id] = _sibling_key(item.idempotency_key, prior)
+        found = self._find(client, INVOICES.model, sorted(set(replaced.values())))
+        credits = []
+        for item in replacements:
+            key = replaced[item.delivery_id]
+            state = found[key][1] if key in found else None
+            if state not in INVOICES.delivered_states:
+                claim = claims[item.delivery_id]
+                prior = claim["replaces"]["claim_reference"]
+                where = "not in Tryton" if state is None else f"{state} in Tryton"
+                failed[item.delivery_id] = _short(
+                    f"claim {claim['claim_reference']} replaces claim {prior}, whose "
+                    f"invoice (external_ref {key}) is {where}, so it cannot be "
+                    f"credited. Deliver claim {prior} first (replay its delivery), "
+                    "then replay this one"
+                )
+                continue
+            credits.append(dataclasses.replace(item, idempotency_key=key + CREDIT))
+        return credits
+
+    def _invoice_values(
+        self,
+        client: TrytonClient,
+        item: Outbound,
+        claim: dict[str, Any],
+        credit: bool,
+        documents: dict[str, _Document],
+    ) -> dict[str, Any]:
+        """Return an ``account.invoice`` of type ``out`` for a claim, or its credit note.
+
+        The credit note repeats the replaced claim's lines with negative
+        quantities. Lines credit the clearing account, because Tryton
+        accepts only revenue-type accounts on customer invoice lines. A line
+        whose amount divides evenly by its whole units shows them as its
+        quantity; any other line is one unit at its amount, so every line
+        equals carebridge's to the cent.
+        """
+        reference = claim["claim_reference"]
+        company = self._company(client)
+        if claim["currency"] != self._company_currency:
+            raise _Rejected(
+                f"claim {reference} currency {claim['currency']} differs from the "
+                f"Tryton company currency {self._company_currency}"
+            )
+        party, address = self._party(client, claim["payer_id"], "payer", "payer_codes")
+        source = claim["replaces"] if credit else claim
+        date = _date(claim["released_on"], "released_on")
+        clearing = self._tryton_account(
+            client, self.settings.invoice_clearing_account, "invoice_clearing_account"
+        )
+        unit = self._unit_id(client)
+        sign = Decimal(-1) if credit else Decimal(1)
+        lines = []
+        total = Decimal(0)
+        for line in source["lines"]:
+            amount = _decimal(line["amount"], "amount")
+            quantity, unit_price = _quantity_and_price(
+                _decimal(line["units"], "units"), amount
+            )
+            total += amount
+            lines.append(
+                {
+                    "type": "line",
+                    "sequence": int(line["line_no"]),
+                    "account": clearing,
+                    "unit": unit,
+                    # account.invoice.line.quantity is a float field in trytond 8.2.
+                    "quantity": float(sign * quantity),
+                    "unit_price": unit_price,
+                    "description": (
+                        f"{line['code']} {line['description']}, {line['units']} "
+                        f"units, {line['service_date']}"
+                    ),
+                    "currency": self._company_currency_id,
+                    "company": company,
+                }
+            )
+        if not lines:
+            raise _Rejected(f"claim {source['claim_reference']} has no lines")
+        if total != _decimal(source["total"], "total"):
+            raise _Rejected(
+                f"claim {source['claim_reference']} lines add up to {total}, not "
+                f"to its total {source['total']}"
+            )
+        if credit:
+            description = (
+                f"carebridge credit note for claim {source['claim_reference']}, "
+                f"replaced by claim {reference}"
+            )
+        elif claim["frequency_code"] == "7":
+            description = (
+                f"carebridge claim {reference} ({claim['claim_type']}, replaces "
+                f"claim {claim['replaces']['claim_reference']})"
+            )
+        else:
+            description = f"carebridge claim {reference} ({claim['claim_type']})"
+        documents[item.idempotency_key] = _Document(
+            date=date,
+            amount=sign * total,
+            party=party,
+            receivable_account=claim["receivable_account"],
+            description=description,
+        )
+        return {
+            "type": "out",
+            "company": company,
+            "currency": self._company_currency_id,
+            "party": party,
+            "invoice_address": address,
+            "account": self._billed_receivable(client, party),
+            "journal": self._invoice_journal_id(client),
+            # NOTE: the release date is a UTC date. Tryton warns about a
+            # customer invoice dated after its own today, so a server west of
+            # UTC may reject a claim released just after UTC midnight.
+            "invoice_date": date,
+            "reference": source["claim_reference"],
+            "description": description,
+            "external_ref": item.idempotency_key,
+            "lines": [["create", lines]],
+        }
+
+    def _clearing_values(
+        self, client: TrytonClient, item: Outbound, document: _Document, invoice: int
+    ) -> dict[str, Any]:
+        """Return the move that clears an invoice's lines into carebridge's receivable.
+
+        An invoice gives Dr clearing / Cr receivable, a credit note the
+        reverse, dated like the document. Its ``origin`` is the invoice.
+        """
+        company = self._company(client)
+        clearing = self._tryton_account(
+            client, self.settings.invoice_clearing_account, "invoice_clearing_account"
+        )
+        receivable, _income = self._account(client, document.receivable_account)
+        amount = abs(document.amount)
+        debit, credit = (
+            (clearing, receivable) if document.amount > 0 else (receivable, clearing)
+        )
+        lines = [
+            {"account": debit, "debit": amount, "credit": Decimal(0)},
+            {"account": credit, "debit": Decimal(0), "credit": amount},
+        ]
+        for line in lines:
+            if line["account"] in self._party_accounts:
+                line["party"] = document.party
+        return {
+            "company": company,
+            "journal": self._journal_id(client),
+            "period": self._period(client, document.date),
+            "date": document.date,
+            "origin": f"account.invoice,{invoice}",
+            "description": f"clearing of {document.description}",
+            "external_ref": item.idempotency_key,
+            "lines": [["create", lines]],
+        }
+
+    def _prefetch_payers(self, client: TrytonClient, items: list[Outbound]) -> None:
+        """Look up the batch's payers and their addresses in two to three calls."""
+        codes: set[str] = set()
+        for item in items:
+            try:
+                payer = json.loads(item.payload)["claim"]["payer_id"]
+            except (ValueError, KeyError, TypeError):
+                continue  # reported for that delivery when its values are built
+            codes.add(self.settings.payer_codes.get(payer, payer))
+        known = set(self._parties) | set(self._shared_identifiers)
+        self._load_parties(client, sorted(codes - known))
+
+    def _billed_receivable(self, client: TrytonClient, party: int) -> int:
+        """Return the invoice's receivable account: the setting, the party's, or the default."""
+        if self.settings.invoice_receivable_account is not None:
+            return self._tryton_account(
+                client,
+                self.settings.invoice_receivable_account,
+                "invoice_receivable_account",
+            )
+        if party not in self._receivables:
+            rows = client.search_read(
+                "party.party", [("id", "=", party)], ["account_receivable"]
+            )
+            account = rows[0]["account_receivable"] if rows else None
+            if account is None:
+                if self._default_receivable is None:
+                    config = client.search_read(
+                        "account.configuration", [], ["default_account_receivable"]
+                    )
+                    if config:
+                        self._default_receivable = config[0]["default_account_receivable"]
+                account = self._default_receivable
+            if account is None:
+                raise _Rejected(
+                    f"the payer's Tryton party id={party} has no receivable account "
+                    "and the company has no default one; set a default receivable "
+                    "account in Tryton's accounting configuration, or set "
+                    "invoice_receivable_account in the destination's settings, "
+                    "then replay"
+                )
+            self._receivables[party] = account
+        return self._receivables[party]
+
+    def _tryton_account(self, client: TrytonClient, code: str, setting: str) -> int:
+        """Return the id of the open account with Tryton code ``code`` named by ``setting``."""
+        if code not in self._accounts:
+            self._load_accounts(client, [code])
+        if code not in self._accounts:
+            raise _Rejected(
+                f"account {code} ({setting}) is not an open account in Tryton's "
+                f"chart; create it or set {setting} in the destination's settings, "
+                "then replay"
+            )
+        return self._accounts[code][0]
+
+    def _invoice_journal_id(self, client: TrytonClient) -> int:
+        if self._invoice_journal is None:
+            code = self.settings.invoice_journal
+            rows = client.search_read("account.journal", [("code", "=", code)], ["id"])
+            if not rows:
+                raise _Rejected(f"invoice journal {code} is not in Tryton")
+            self._invoice_journal = rows[0]["id"]
+        return self._invoice_journal
+
+    def _unit_id(self, client: TrytonClient) -> int:
+        if self._unit is None:
+            self._unit = client.model("ir.model.data", "get_id", "product", "uom_unit")
+        return self._unit
 
     def _warehouse_id(self, client: TrytonClient) -> int:
         if self._warehouse is None:
@@ -826,11 +1229,13 @@ class TrytonDestination:
         rows = client.search_read(
             "account.account",
             [("code", "in", codes), ("closed", "!=", True), ("type", "!=", None)],
-            ["id", "code", "type.statement"],
+            ["id", "code", "type.statement", "party_required"],
         )
         for row in rows:
             statement = (row.get("type.") or {}).get("statement")
             self._accounts[row["code"]] = (row["id"], statement == INCOME_STATEMENT)
+            if row["party_required"]:
+                self._party_accounts.add(row["id"])
 
     def _account(self, client: TrytonClient, code: str) -> tuple[int, bool]:
         tryton_code = self.settings.account_codes.get(code, code)
@@ -920,6 +1325,20 @@ class TrytonDestination:
             if attempt == 1:
                 self._load_periods(client, date, date)
         raise _Rejected(f"no open period in Tryton contains {date.isoformat()}")
+
+
+def _sibling_key(key: str, record_key: str) -> str:
+    """Return the key of another record of the same destination and kind."""
+    return key.rsplit(":", 1)[0] + ":" + record_key
+
+
+def _quantity_and_price(units: Decimal, amount: Decimal) -> tuple[Decimal, Decimal]:
+    """Split a line amount into whole units and a unit price that give it exactly."""
+    if units > 0 and units == units.to_integral_value():
+        price = (amount / units).quantize(UNIT_PRICE)
+        if price * units == amount:
+            return units, price
+    return Decimal(1), amount
 
 
 def _created(missing: list[_Prepared], ids: list[int]) -> dict[str, tuple[int, str]]:

@@ -2,8 +2,8 @@
 
 The demo creates a SQLite Tryton database in ``OUT/tryton``, or reuses it
 when the carebridge database is kept between runs. It starts trytond on a
-free loopback port and delivers every journal, supply issue and purchase
-order through the outbox with a ``tryton`` destination. Then it reads the results back over
+free loopback port and delivers every journal, supply issue, purchase
+order and released claim through the outbox with a ``tryton`` destination. Then it reads the results back over
 JSON-RPC and stops the server. Creating the database takes about 25 s on
 top of the run.
 """
@@ -23,7 +23,9 @@ from typing import Any
 
 from sqlalchemy import Engine, func, select
 
+from carebridge.claims.invoice import CLAIM, claim_payload
 from carebridge.config.model import Configuration, DestinationConfig
+from carebridge.destinations.tryton import CREDIT
 from carebridge.engine.deliveries import (
     delivery_summary,
     enqueue,
@@ -41,6 +43,7 @@ from carebridge.erp.server import (
 )
 from carebridge.erp.setup import setup_company
 from carebridge.store.schema import (
+    claims,
     journal_lines,
     journals,
     purchase_orders,
@@ -58,7 +61,7 @@ CENT = Decimal("0.01")
 def post_run_to_tryton(
     engine: Engine, config: Configuration, folder: Path, *, fresh: bool
 ) -> dict[str, Any]:
-    """Deliver the database's journals, supply issues and purchase orders to a demo Tryton.
+    """Deliver the database's journals, supply issues, purchase orders and claims to a demo Tryton.
 
     Args:
         engine: The carebridge database of the run.
@@ -87,7 +90,7 @@ def post_run_to_tryton(
     destination = DestinationConfig(
         name=DESTINATION,
         type="tryton",
-        kinds=("journal", "supply_issue", PURCHASE_ORDER),
+        kinds=("journal", "supply_issue", PURCHASE_ORDER, CLAIM),
         settings={
             "port": site.port,
             "database": DATABASE,
@@ -152,6 +155,18 @@ def _enqueue_all(engine: Engine, config: Configuration) -> None:
             key = idempotency_key(DESTINATION, PURCHASE_ORDER, po_number)
             payload = order_payload(conn, config, order_id)
             enqueue(conn, DESTINATION, PURCHASE_ORDER, order_id, key, payload)
+        # Likewise for claims: every claim ever released, by id, so a
+        # replaced claim's invoice is created before its credit note.
+        if config.billing is not None:
+            released = conn.execute(
+                select(claims.c.id, claims.c.claim_reference)
+                .where(claims.c.state.in_(("released", "replaced")))
+                .order_by(claims.c.id)
+            ).all()
+            for claim_id, reference in released:
+                key = idempotency_key(DESTINATION, CLAIM, reference)
+                payload = claim_payload(conn, config, claim_id)
+                enqueue(conn, DESTINATION, CLAIM, claim_id, key, payload)
 
 
 def _drain(
@@ -178,22 +193,41 @@ def _drain(
 
 
 def _read_back(client: TrytonClient, engine: Engine) -> dict[str, Any]:
-    """Count what reached Tryton and compare its totals per account with the ledger."""
-    keyed = [("external_ref", "!=", None)]
+    """Count what reached Tryton and compare its totals per account with the ledger.
 
-    moves = client.model("account.move", "search_count", keyed)
+    Only journal moves are compared. A claim invoice and the move that
+    clears it move the claim total from carebridge's receivable account to
+    the payer's billed receivable, which carebridge's ledger does not book.
+    """
+    keyed = [("external_ref", "!=", None)]
+    journal_prefix = idempotency_key(DESTINATION, "journal", "")
+    journal_moves = [("external_ref", "like", journal_prefix + "%")]
+
+    moves = client.model("account.move", "search_count", journal_moves)
     stock_moves = client.model(
         "stock.move", "search_count", [*keyed, ("state", "=", "done")]
     )
     purchase_orders = client.model("purchase.purchase", "search_count", keyed)
-    invoices = client.model("account.invoice", "search_count", keyed)
+    credit_notes = [("external_ref", "like", "%" + CREDIT)]
+    invoices = client.model(
+        "account.invoice",
+        "search_count",
+        [*keyed, ("state", "in", ["posted", "paid"]),
+         ("external_ref", "not like", "%" + CREDIT)],
+    )
+    credits = client.model(
+        "account.invoice",
+        "search_count",
+        [*credit_notes, ("state", "in", ["posted", "paid"])],
+    )
 
     tryton_totals: dict[str, list[Decimal]] = defaultdict(
         lambda: [Decimal(0), Decimal(0)]
     )
     lines = client.search_read(
         "account.move.line",
-        [("move.external_ref", "!=", None), ("move.state", "=", "posted")],
+        [("move.external_ref", "like", journal_prefix + "%"),
+         ("move.state", "=", "posted")],
         ["debit", "credit", "account.code"],
     )
     for line in lines:
@@ -217,6 +251,7 @@ def _read_back(client: TrytonClient, engine: Engine) -> dict[str, Any]:
         "stock_moves": stock_moves,
         "purchase_orders": purchase_orders,
         "invoices": invoices,
+        "credit_notes": credits,
         "matches_ledger": matches,
     }
 

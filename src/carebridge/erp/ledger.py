@@ -5,7 +5,9 @@ The Tryton destination posts each journal as one ``account.move`` whose
 ``carebridge:DESTINATION:journal:JOURNAL_KEY``. :class:`TrytonLedger` reads
 every posted move that carries an ``external_ref`` and strips that prefix,
 so the key it reports is the journal's ``journal_key``, the key that
-reconciliation compares.
+reconciliation compares. The moves that clear claim invoices
+(``carebridge:DESTINATION:claim:...:clearing``) are not journals and are
+left out.
 """
 
 from __future__ import annotations
@@ -47,6 +49,7 @@ class TrytonLedger:
         self.destination = destination
         self.name = f"Tryton (destination {destination})"
         self._prefix = idempotency_key(destination, "journal", "")
+        self._claim_prefix = idempotency_key(destination, "claim", "")
 
     @classmethod
     def from_settings(cls, destination: str, settings: TrytonSettings) -> TrytonLedger:
@@ -102,6 +105,7 @@ class TrytonLedger:
             page = self.client.search_read(
                 "account.move",
                 [("external_ref", "!=", None), ("state", "=", "posted"),
+                 ("external_ref", "not like", self._claim_prefix + "%"),
                  ("id", ">", last_id)],
                 ["id", "external_ref"],
                 order=[("id", "ASC")],

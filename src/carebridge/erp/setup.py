@@ -1,4 +1,4 @@
-"""Set up a Tryton database for carebridge: company, books, cost centers, items, stock, suppliers.
+"""Set up a Tryton database for carebridge: company, books, cost centers, items, stock, parties.
 
 Everything runs over JSON-RPC against a running server (see
 :mod:`carebridge.erp.server`), in this order:
@@ -8,8 +8,11 @@ Everything runs over JSON-RPC against a running server (see
 3. Tryton's minimal chart of accounts (``account.create_chart`` wizard on
    the template ``account.account_template_root_en``);
 4. carebridge's own accounts (from ``accounts.csv``) under the chart's root,
-   with the code carebridge uses, so journals map by account number;
-5. one fiscal year per calendar year with monthly periods;
+   with the code carebridge uses, so journals map by account number, and
+   the clearing account of claim invoices (``CB-CLAIMS``, see
+   docs/erp-tryton.md);
+5. one fiscal year per calendar year with monthly periods, and a sequence
+   that numbers its invoices and credit notes;
 6. an analytic root ``Cost centers`` with one account per department's cost
    center, coded with the cost center;
 7. one goods product per supply item, coded with the item code, at its unit
@@ -18,7 +21,9 @@ Everything runs over JSON-RPC against a running server (see
    issues move stock into, and opening stock in the warehouse's storage zone;
 9. one supplier party per supplier in the business rules (every version),
    coded with carebridge's supplier code and with one invoice address, so
-   the ``tryton`` destination finds it for a purchase order.
+   the ``tryton`` destination finds it for a purchase order;
+10. one customer party for the payer of ``billing.yaml``, coded with its
+    payer id and with one invoice address, for claim invoices.
 
 The routine is for demos and tests: a real hospital's Tryton already has
 its company, chart and items, and the ``tryton`` destination only needs
@@ -42,6 +47,8 @@ log = logging.getLogger(__name__)
 CONSUMPTION_LOCATION_CODE = "PCON"
 STORAGE_LOCATION_CODE = "STO"
 COST_CENTER_ROOT_CODE = "CC"
+CLAIMS_CLEARING_CODE = "CB-CLAIMS"
+"""The revenue-type account that claim invoice lines credit and a second move clears."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,6 +62,7 @@ class SetupResult:
     products: int
     consumption_location: int
     suppliers: int = 0
+    payers: int = 0
 
 
 def setup_company(
@@ -71,8 +79,8 @@ def setup_company(
         client: A client logged in as ``admin`` on a database that has the
             modules of :data:`carebridge.erp.server.MODULES` and nothing else.
         config: carebridge's configuration: accounts, departments, supply
-            items, the suppliers of its rules and the currency are taken
-            from it.
+            items, the suppliers of its rules, the payer of its billing
+            settings and the currency are taken from it.
         years: The calendar years to open as fiscal years; a journal dated
             outside them is rejected by Tryton.
         company_name: The company's party name.
@@ -88,6 +96,7 @@ def setup_company(
     location = _consumption_location(client)
     _opening_stock(client, company, products, opening_stock)
     suppliers = _suppliers(client, config)
+    payers = _payers(client, config)
     log.info(
         "Tryton company set up",
         extra={
@@ -97,6 +106,7 @@ def setup_company(
             "accounts": accounts,
             "products": len(products),
             "suppliers": suppliers,
+            "payers": payers,
         },
     )
     return SetupResult(
@@ -107,6 +117,7 @@ def setup_company(
         len(products),
         location,
         suppliers,
+        payers,
     )
 
 
@@ -280,7 +291,9 @@ def _accounts(client: TrytonClient, config: Configuration, company: int) -> int:
     existing = {
         row["code"]
         for row in client.search_read(
-            "account.account", [("code", "in", list(config.accounts))], ["code"]
+            "account.account",
+            [("code", "in", [*config.accounts, CLAIMS_CLEARING_CODE])],
+            ["code"],
         )
     }
     values: list[dict[str, Any]] = []
@@ -312,6 +325,21 @@ def _accounts(client: TrytonClient, config: Configuration, company: int) -> int:
                 "reconcile": False,
             }
         )
+    if CLAIMS_CLEARING_CODE not in existing:
+        values.append(
+            {
+                "code": CLAIMS_CLEARING_CODE,
+                "name": "Claims billed - clearing",
+                "company": company,
+                "parent": root,
+                # Tryton accepts only revenue-type accounts on customer
+                # invoice lines. The move that goes with each claim invoice
+                # clears it back to zero (docs/erp-tryton.md).
+                "type": types["revenue"],
+                "party_required": False,
+                "reconcile": False,
+            }
+        )
     if values:
         client.model("account.account", "create", values)
     return len(values)
@@ -336,6 +364,22 @@ def _fiscal_years(client: TrytonClient, company: int, years: list[int]) -> int:
             for year in years
         ],
     )
+    invoice_type = client.model(
+        "ir.model.data", "get_id", "account_invoice", "sequence_type_account_invoice"
+    )
+    invoice_sequences = client.model(
+        "ir.sequence.strict",
+        "create",
+        [
+            {
+                "name": f"Invoices {year}",
+                "sequence_type": invoice_type,
+                "company": company,
+                "prefix": f"{year}-",
+            }
+            for year in years
+        ],
+    )
     values = [
         {
             "name": str(year),
@@ -343,8 +387,25 @@ def _fiscal_years(client: TrytonClient, company: int, years: list[int]) -> int:
             "end_date": dt.date(year, 12, 31),
             "company": company,
             "move_sequence": sequence,
+            # Posting an invoice or credit note takes its number from here.
+            "invoice_sequences": [
+                [
+                    "create",
+                    [
+                        {
+                            "company": company,
+                            "out_invoice_sequence": numbers,
+                            "out_credit_note_sequence": numbers,
+                            "in_invoice_sequence": numbers,
+                            "in_credit_note_sequence": numbers,
+                        }
+                    ],
+                ]
+            ],
         }
-        for year, sequence in zip(years, sequences, strict=True)
+        for year, sequence, numbers in zip(
+            years, sequences, invoice_sequences, strict=True
+        )
     ]
     ids = client.model("account.fiscalyear", "create", values)
     for fiscal_year in ids:
@@ -494,3 +555,31 @@ def _suppliers(client: TrytonClient, config: Configuration) -> int:
     if values:
         client.model("party.party", "create", values)
     return len(values)
+
+
+def _payers(client: TrytonClient, config: Configuration) -> int:
+    """Create the customer party of the billing payer if Tryton does not have it.
+
+    The party's code is the payer id of ``billing.yaml``, which the
+    ``tryton`` destination looks up for a claim invoice. Its receivable
+    account is the company's default (the chart's main receivable), which
+    requires a party on each line: the payer.
+    """
+    if config.billing is None:
+        return 0
+    payer = config.billing.file.payer
+    if client.search_read("party.party", [("code", "=", payer.payer_id)], ["id"]):
+        return 0
+    client.model(
+        "party.party",
+        "create",
+        [
+            {
+                "name": payer.name,
+                "code": payer.payer_id,
+                # Raw RPC adds no address, and an invoice needs one.
+                "addresses": [["create", [{"invoice": True}]]],
+            }
+        ],
+    )
+    return 1
