@@ -11,8 +11,13 @@ CONSTRAINTS := requirements/constraints.txt
 demo: $(VENV)/.installed
 	$(BIN)/carebridge demo
 
+# Two processes (pytest-xdist), each taking a whole module at a time; the
+# slowest modules start first (tests/conftest.py). TEST_WORKERS=0 runs the
+# suite in this process.
+TEST_WORKERS ?= 2
+
 test: $(VENV)/.installed-test
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 
 $(VENV)/bin/python:
 	@$(PYTHON) -c 'import sys; assert sys.version_info[:2] == (3, 11), "carebridge needs Python 3.11, found " + sys.version.split()[0]'

@@ -36,6 +36,26 @@ def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "tryton: starts a real trytond server on loopback")
 
 
+SLOW_MODULES = (
+    "tests/integration/test_tryton_erp.py",
+    "tests/integration/test_crash_scale.py",
+    "tests/acceptance/test_demo.py",
+    "tests/integration/test_claims_demo.py",
+    "tests/integration/test_crash_restart.py",
+)
+"""Modules that run for minutes, slowest first. ``make test`` runs the suite in
+two processes (pytest-xdist, one module per process at a time, in collection
+order), so these start first and the short modules fill in around them."""
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    def rank(item: pytest.Item) -> int:
+        path = item.nodeid.split("::", 1)[0]
+        return SLOW_MODULES.index(path) if path in SLOW_MODULES else len(SLOW_MODULES)
+
+    items.sort(key=rank)  # stable: the order within each module is kept
+
+
 @pytest.fixture(scope="session")
 def pg_admin() -> Iterator[Engine]:
     """An engine on the test PostgreSQL database, used to create and drop schemas."""
