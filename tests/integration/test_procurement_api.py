@@ -26,8 +26,9 @@ def api(engine: Engine, config: Configuration):
                             {"url": "http://127.0.0.1:9/po", "timeout_seconds": 1.0})
     configured = dataclasses.replace(config, destinations=(erp,))
     keys = {}
-    for name, role in (("buyer", "supply-chain"), ("controller-1", "finance"),
-                       ("controller-2", "finance"), ("owner", "admin")):
+    for name, role in (("buyer", "supply-chain"), ("materials-manager", "supply-chain"),
+                       ("controller-1", "finance"), ("controller-2", "finance"),
+                       ("owner", "admin")):
         create_client(engine, name, parse_roles(role))
         keys[name] = {"X-API-Key": create_api_key(engine, name)}
     return TestClient(create_app(engine, configured)), keys, configured
@@ -61,14 +62,22 @@ def test_two_step_chain_to_receipt(engine: Engine, api) -> None:
         ("materials-manager", "supply_chain", "open"), ("controller", "finance", "waiting")]
 
     first, second = steps[0]["id"], steps[1]["id"]
-    refused = client.post(f"{URL}/approvals/{first}/approve", headers=keys["buyer"])
-    assert refused.status_code == 403
-    after_first = client.post(f"{URL}/approvals/{first}/approve", headers=keys["controller-1"])
+    own = client.post(f"{URL}/approvals/{first}/approve", headers=keys["buyer"])
+    assert own.status_code == 403
+    assert "the requester may not approve" in own.json()["detail"]
+    other_team = client.post(f"{URL}/approvals/{first}/approve", headers=keys["controller-1"])
+    assert other_team.status_code == 403
+    assert "belongs to team supply_chain" in other_team.json()["detail"]
+    # An admin may decide a step of any team, but only one step of a request.
+    after_first = client.post(f"{URL}/approvals/{first}/approve", headers=keys["owner"])
     assert after_first.status_code == 200, after_first.text
     assert after_first.json()["approvals"][1]["status"] == "open"
-    twice = client.post(f"{URL}/approvals/{second}/approve", headers=keys["controller-1"])
+    twice = client.post(f"{URL}/approvals/{second}/approve", headers=keys["owner"])
     assert twice.status_code == 403
     assert "one person decides one step" in twice.json()["detail"]
+    # Supply chain does not even see finance's queue.
+    hidden = client.post(f"{URL}/approvals/{second}/approve", headers=keys["materials-manager"])
+    assert hidden.status_code == 404
 
     # Approved without a supplier: supply chain must name one before the order.
     approved = client.post(f"{URL}/approvals/{second}/approve", headers=keys["controller-2"])
@@ -119,7 +128,7 @@ def test_over_budget_step_then_rejection(engine: Engine, api) -> None:
         ("materials-manager", "approval_required"), ("controller", "approval_required"),
         ("budget-override", "over_budget")]
     first = created["approvals"][0]["id"]
-    rejected = client.post(f"{URL}/approvals/{first}/reject", headers=keys["controller-1"],
+    rejected = client.post(f"{URL}/approvals/{first}/reject", headers=keys["materials-manager"],
                            json={"note": "order from the central store"}).json()
 
     assert rejected["status"] == "rejected"
@@ -136,13 +145,16 @@ def test_work_item_route_approval_advances_chain(engine: Engine, api) -> None:
     created = answer.json()
     assert created["amount"] == "6.00"
     item_id = created["approvals"][0]["work_item_id"]
-    decided = client.post(f"/api/v1/work-items/{item_id}/approve", headers=keys["controller-1"])
+    finance = client.post(f"/api/v1/work-items/{item_id}/approve", headers=keys["controller-1"])
+    assert finance.status_code == 403
+    decided = client.post(f"/api/v1/work-items/{item_id}/approve",
+                          headers=keys["materials-manager"])
     assert decided.status_code == 200, decided.text
 
     run_workflow_steps(engine, configured)
     shown = client.get(f"{URL}/requests/{created['id']}", headers=keys["buyer"]).json()
     assert shown["status"] == "ordered"
-    assert shown["approvals"][0]["decided_by"] == "client:controller-1"
+    assert shown["approvals"][0]["decided_by"] == "client:materials-manager"
 
 
 def test_invalid_and_self_approval_refused(api) -> None:
@@ -174,5 +186,6 @@ def test_work_item_route_keeps_separation_of_duties(api) -> None:
     own = client.post(f"/api/v1/work-items/{item_id}/approve", headers=keys["owner"])
     assert own.status_code == 403
     assert "own request" in own.json()["detail"]
-    other = client.post(f"/api/v1/work-items/{item_id}/approve", headers=keys["controller-1"])
+    other = client.post(f"/api/v1/work-items/{item_id}/approve",
+                        headers=keys["materials-manager"])
     assert other.status_code == 200, other.text

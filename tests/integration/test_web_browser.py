@@ -158,10 +158,10 @@ def test_fix_work_item_and_watch_it_finish(page, site: Site) -> None:
 
 def test_approve_procurement_step(page, site: Site) -> None:
     item = site.data.procurement_item
-    sign_in(page, site, "finance", "/ui/queues?team=supply_chain")
+    sign_in(page, site, "supply-chain", "/ui/queues?team=supply_chain")
     page.get_by_role("link", name=f"#{item}").click()
     assert "approve the purchase of 100 SUP-100232" in page.locator(".rule").inner_text()
-    page.get_by_label("Note").fill("within the capital budget")
+    page.get_by_label("Approval note").fill("within the capital budget")
     page.get_by_role("button", name="Approve").click()
     page.wait_for_selector("#history >> text=approved")
     assert "approved" in page.locator("dl.facts").inner_text()

@@ -188,12 +188,20 @@ def test_actions_need_scope_and_csrf(app, data: UiData, engine: Engine) -> None:
     refused = revenue.post(f"/ui/work-items/{item}/approve", data={"csrf": token})
     assert refused.status_code == 403
 
+    # Finance sees the supply-chain step but does not decide it.
     finance = sign_in(app, "finance", data.secrets["finance"])
     page = finance.get(f"/ui/work-items/{item}")
     assert page.status_code == 200
+    assert "/approve" not in page.text
+    other_team = finance.post(f"/ui/work-items/{item}/approve",
+                              data={"csrf": csrf_of(page.text)})
+    assert other_team.status_code == 403
+
+    supply = sign_in(app, "supply-chain", data.secrets["supply-chain"])
+    page = supply.get(f"/ui/work-items/{item}")
     assert "/approve" in page.text
     assert "Fix and resume" not in page.text
-    no_token = finance.post(f"/ui/work-items/{item}/approve", data={})
+    no_token = supply.post(f"/ui/work-items/{item}/approve", data={})
     assert no_token.status_code == 403
     with engine.connect() as conn:
         status = conn.execute(select(work_items.c.status)

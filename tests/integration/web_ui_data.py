@@ -86,7 +86,7 @@ def open_procurement_approval(engine: Engine, config: Configuration, message_id:
     draft = RequestDraft(
         request_key="web-test-1", origin="web-test", department="CLINIC", location="CLINIC",
         category="medical_surgical", item_code="SUP-100232", quantity=Decimal(100),
-        requested_on=dt.date.today(), requested_by="client:supply-chain",
+        requested_on=dt.date.today(), requested_by="client:buyer",
         message_id=message_id, supplier="MEDLINE",
     )
     with engine.begin() as conn:

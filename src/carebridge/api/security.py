@@ -82,9 +82,11 @@ ROLE_SCOPES: dict[Role, frozenset[Scope]] = {
         Scope.FHIR_READ, Scope.MESSAGES_READ, Scope.WORK_ITEMS_READ,
         Scope.WORK_ITEMS_WRITE, Scope.MASTER_DATA_READ,
     }),
-    # Works supply exceptions, with no access to patient messages.
+    # Works supply exceptions and decides the supply-chain steps of purchase
+    # approvals, with no access to patient messages.
     Role.SUPPLY_CHAIN: frozenset({
-        Scope.WORK_ITEMS_READ, Scope.WORK_ITEMS_WRITE, Scope.MASTER_DATA_READ,
+        Scope.WORK_ITEMS_READ, Scope.WORK_ITEMS_WRITE, Scope.WORK_ITEMS_APPROVE,
+        Scope.MASTER_DATA_READ,
     }),
     # Approves what crosses a threshold; watches what reached the ledger.
     Role.FINANCE: frozenset({
@@ -111,6 +113,15 @@ ROLE_TEAMS: dict[Role, frozenset[str] | None] = {
     Role.INTERFACE: frozenset(),
 }
 """Work-item teams each role may see and act on; ``None`` means every team."""
+
+STEP_DECIDERS: dict[str, frozenset[Role]] = {
+    "supply_chain": frozenset({Role.SUPPLY_CHAIN}),
+    "finance": frozenset({Role.FINANCE}),
+    "revenue_cycle": frozenset({Role.REVENUE_CYCLE}),
+    "integration": frozenset({Role.INTEGRATION_ANALYST}),
+}
+"""The roles that decide a purchase-approval step of each team, besides admin.
+A finance controller can read every queue but decides only finance's steps."""
 
 
 @dataclass(frozen=True, slots=True)

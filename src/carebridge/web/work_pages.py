@@ -181,6 +181,7 @@ def work_item(request: Request, item_id: int, user: User) -> Response:
             audit.record(conn, user.principal.actor, "message.raw.read", "message",
                          row.message_id)
         history = _history(conn, item_id)
+        decides = actions.may_decide(conn, row, user.principal)
         resolution = json.loads(row.resolution) if row.resolution else {}
         corrected = resolution.get("corrected_message_id") \
             if isinstance(resolution, dict) else None
@@ -191,7 +192,7 @@ def work_item(request: Request, item_id: int, user: User) -> Response:
         message=message, history=history, resolution=resolution, correction=correction,
         countdown=_countdown(row.due_at, dt.datetime.now(dt.UTC)),
         can_write=user.may(Scope.WORK_ITEMS_WRITE),
-        can_approve=user.may(Scope.WORK_ITEMS_APPROVE),
+        can_approve=user.may(Scope.WORK_ITEMS_APPROVE) and decides,
         open_statuses=(actions.OPEN, actions.CLAIMED),
         decidable=(actions.OPEN, actions.CLAIMED, actions.RESOLVED),
     )

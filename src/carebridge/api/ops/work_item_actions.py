@@ -25,7 +25,7 @@ from sqlalchemy import Connection, Engine, Row, func, insert, select, update
 from carebridge import audit
 from carebridge.api.deps import ApiError
 from carebridge.api.ops.message_store import store_copy
-from carebridge.api.security import Principal
+from carebridge.api.security import STEP_DECIDERS, Principal, Role
 from carebridge.config.model import Configuration
 from carebridge.ingest.files.sources import bounded
 from carebridge.store.bodies import with_bodies
@@ -167,19 +167,41 @@ def apply(conn: Connection, item: Row, action: str, principal: Principal,
     logger.info("work item %d %s by %s", item.id, transition.event, principal.client_id)
 
 
+def may_decide(conn: Connection, item: Row, principal: Principal) -> bool:
+    """Return whether the caller's roles may decide ``item`` if it is an approval step.
+
+    Any other work item returns True. The caller's scope is checked separately.
+    """
+    from carebridge.store.schema import approvals
+
+    team = conn.execute(
+        select(approvals.c.team).where(approvals.c.work_item_id == item.id)
+    ).scalar()
+    if team is None or Role.ADMIN in principal.roles:
+        return True
+    return bool(STEP_DECIDERS.get(team, frozenset()) & principal.roles)
+
+
 def _check_procurement_duties(conn: Connection, item: Row, principal: Principal) -> None:
     """Raise 403 when a procurement approval step would break separation of duties.
 
-    The requester may not decide their own request, and one person decides
-    at most one step of a request, whichever route the decision comes by.
+    The requester may not decide their own request, one person decides at
+    most one step of a request, and a step is decided by a role of the team
+    it names (or an admin), whichever route the decision comes by.
     """
     from carebridge.store.schema import approvals, procurement_requests
 
     step = conn.execute(
-        select(approvals.c.request_id).where(approvals.c.work_item_id == item.id)
+        select(approvals.c.request_id, approvals.c.step_name, approvals.c.team)
+        .where(approvals.c.work_item_id == item.id)
     ).first()
     if step is None:
         return
+    if not may_decide(conn, item, principal):
+        deciders = STEP_DECIDERS.get(step.team, frozenset())
+        roles = " or ".join(sorted(role.value for role in deciders)) or "admin"
+        raise ApiError(403, "forbidden", f"step {step.step_name} belongs to team "
+                       f"{step.team}; an approver with the role {roles} must decide it")
     owner = conn.execute(
         select(procurement_requests.c.requested_by)
         .where(procurement_requests.c.id == step.request_id)
