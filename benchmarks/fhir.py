@@ -2,19 +2,31 @@
 
 One command::
 
-    .venv/bin/python benchmarks/fhir.py [--clones 10] [--clients 2] [--json]
+    .venv/bin/python benchmarks/fhir.py [--clones 10] [--clients 2] [--api-workers 2] [--json]
 
 It builds transaction Bundles from the four bundled Synthea bundles: each
 clone is a copy of the four with every UUID replaced by a new one, so that
 every clone creates new resources and new canonical records. It then starts
-``carebridge serve`` (API and workers in one process) on a temporary SQLite
-database and a free loopback port, posts the Bundles over HTTP from
-``--clients`` threads, and waits until the worker has processed every
-message, i.e. until the canonical records (patients, encounters, services)
-are stored. ``resources_per_s`` is the resources posted over that wall time.
+``carebridge serve --api-workers N`` (the worker in one process, the API in
+N processes of its own; 0 puts the API on a thread of the worker's process)
+on a temporary SQLite database and a free loopback port, posts the Bundles
+over HTTP from ``--clients`` threads, and waits until the worker has
+processed every message, i.e. until the canonical records (patients,
+encounters, services) are stored. ``resources_per_s`` is the resources
+posted over that wall time. One more clone, posted and processed before the
+clock starts, warms the server up. Each client thread keeps one connection
+open, and each connection stays with the API process that accepted it.
 
 Next to it, ``validate_only_resources_per_s`` is how fast fhir.resources
 (the R4B ``Bundle`` model) alone validates the same Bundles in this process.
+
+CPU time is counted over the same wall time from ``/proc`` (Linux only):
+``service_cpu_ms_per_resource`` for the ``carebridge serve`` process (the
+worker, and the API when it runs on a thread), ``api_cpu_ms_per_resource``
+for its child processes (the API processes, or the validation processes of
+an API on a thread). ``machine_busy_share`` is the share of all CPUs busy
+meanwhile, other programs included, and ``load_average`` the 1-minute load
+average when the timed posting starts and when it ends.
 """
 
 from __future__ import annotations
@@ -85,6 +97,43 @@ def validate_only(bundles: list[bytes]) -> float:
     return time.perf_counter() - started
 
 
+def _cpu_ticks() -> tuple[int, int]:
+    """Return the machine's (busy, total) CPU ticks so far, from ``/proc/stat``."""
+    values = [int(value) for value in Path("/proc/stat").read_text().split("\n")[0].split()[1:]]
+    idle = values[3] + values[4]  # idle and iowait
+    return sum(values[:8]) - idle, sum(values[:8])
+
+
+def _process_ticks(pid: int) -> int:
+    """Return the user and system CPU ticks of process ``pid``, 0 once it is gone."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0
+    return int(fields[11]) + int(fields[12])
+
+
+def _children(pid: int) -> list[int]:
+    found: list[int] = []
+    for task in Path(f"/proc/{pid}/task").glob("*/children"):
+        try:
+            found += [int(child) for child in task.read_text().split()]
+        except OSError:
+            continue
+    return found
+
+
+def _tree_ticks(pid: int) -> dict[int, int]:
+    """Return the CPU ticks of ``pid`` and of each process below it."""
+    ticks = {pid: _process_ticks(pid)}
+    pending = _children(pid)
+    while pending:
+        child = pending.pop()
+        ticks[child] = _process_ticks(child)
+        pending += _children(child)
+    return ticks
+
+
 def _free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
@@ -152,7 +201,7 @@ def _wait_processed(db_url: str, expected: int, timeout: float) -> None:
     raise RuntimeError(f"the worker did not process {expected} messages in {timeout:.0f}s")
 
 
-def run(clones: int, clients: int) -> dict[str, object]:
+def run(clones: int, clients: int, api_workers: int) -> dict[str, object]:
     bundles, resources = build_bundles(clones)
     warm_up, _ = build_bundles(1, first=clones)
     with tempfile.TemporaryDirectory(prefix="carebridge-fhir-bench-") as folder:
@@ -163,10 +212,12 @@ def run(clones: int, clients: int) -> dict[str, object]:
         engine.dispose()
         port = _free_port()
         env = {**os.environ, "CAREBRIDGE_API_SIGNING_KEY": uuid.uuid4().hex * 2}
+        # Without --api-workers the script also runs a carebridge that predates it.
+        processes = ["--api-workers", str(api_workers)] if api_workers else []
         server = subprocess.Popen(
             [sys.executable, "-m", "carebridge.cli", "serve", "--db", db_url,
              "--host", "127.0.0.1", "--port", str(port), "--no-deliver",
-             "--inbox", str(Path(folder) / "inbox")],
+             "--inbox", str(Path(folder) / "inbox"), *processes],
             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env,
         )
         base = f"http://127.0.0.1:{port}"
@@ -175,11 +226,19 @@ def run(clones: int, clients: int) -> dict[str, object]:
             # One untimed clone: authenticates the key (then cached) and lets the
             # server and its validation processes import the FHIR models.
             _post_all(base, key, warm_up, clients)
+            # The warm-up's messages are processed before the clock starts.
+            _wait_processed(db_url, len(warm_up), timeout=600)
+            load_before = os.getloadavg()[0]
+            machine_before = _cpu_ticks()
+            ticks_before = _tree_ticks(server.pid)
             started = time.perf_counter()
             _post_all(base, key, bundles, clients)
             posted = time.perf_counter() - started
             _wait_processed(db_url, len(bundles) + len(warm_up), timeout=600)
             seconds = time.perf_counter() - started
+            ticks_after = _tree_ticks(server.pid)
+            machine_after = _cpu_ticks()
+            load_after = os.getloadavg()[0]
         finally:
             server.send_signal(signal.SIGTERM)
             try:
@@ -187,15 +246,26 @@ def run(clones: int, clients: int) -> dict[str, object]:
             except subprocess.TimeoutExpired:
                 server.kill()
     validate_seconds = validate_only(bundles)
+    per_tick_ms = 1000 / os.sysconf("SC_CLK_TCK") / resources
+    service_ticks = ticks_after[server.pid] - ticks_before.get(server.pid, 0)
+    child_ticks = sum(ticks - ticks_before.get(pid, 0)
+                      for pid, ticks in ticks_after.items() if pid != server.pid)
+    busy, total = (after - before for after, before in zip(machine_after, machine_before,
+                                                           strict=True))
     return {
         "bundles": len(bundles),
         "resources": resources,
         "clients": clients,
+        "api_workers": api_workers,
         "seconds": round(seconds, 3),
         "post_seconds": round(posted, 3),
         "resources_per_s": round(resources / seconds),
         "validate_only_seconds": round(validate_seconds, 3),
         "validate_only_resources_per_s": round(resources / validate_seconds),
+        "service_cpu_ms_per_resource": round(service_ticks * per_tick_ms, 3),
+        "api_cpu_ms_per_resource": round(child_ticks * per_tick_ms, 3),
+        "machine_busy_share": round(busy / max(total, 1), 2),
+        "load_average": [round(load_before, 2), round(load_after, 2)],
         "database": "sqlite",
         "cpus": os.cpu_count(),
         "python": platform.python_version(),
@@ -208,9 +278,12 @@ def main() -> None:
                         help="Copies of the four Synthea Bundles to post (default 10).")
     parser.add_argument("--clients", type=int, default=2,
                         help="Threads posting Bundles at once (default 2).")
+    parser.add_argument("--api-workers", type=int, default=2,
+                        help="API processes of carebridge serve; 0 serves the API from a "
+                        "thread of the worker's process (default 2).")
     parser.add_argument("--json", action="store_true", help="Print one JSON object.")
     args = parser.parse_args()
-    result = run(args.clones, args.clients)
+    result = run(args.clones, args.clients, args.api_workers)
     if args.json:
         print(json.dumps(result, sort_keys=True))
     else:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import logging
 import multiprocessing
 import os
@@ -9,7 +10,10 @@ import threading
 from concurrent.futures import ProcessPoolExecutor
 from typing import Any
 
+from fhir.resources.R4B import get_fhir_model_class
+
 from carebridge.api.deps import ApiError
+from carebridge.api.fhir.resources import SERVED_TYPES
 from carebridge.api.security import Principal
 from carebridge.config.model import ApiSettings
 from carebridge.errors import ParseError
@@ -57,6 +61,34 @@ PARALLEL_MIN_ENTRIES = 64
 
 _pool: ProcessPoolExecutor | None = None
 _pool_lock = threading.Lock()
+_parallel = True
+
+
+def validate_in_this_process() -> None:
+    """Validate every Bundle in the calling process, never in worker processes.
+
+    An API that runs in several processes calls this, because its processes
+    already spread the requests over the cores.
+    """
+    global _parallel
+    _parallel = False
+
+
+def preload_models() -> None:
+    """Import the models of ``Bundle`` and of the served resource types now, not on first use."""
+    for resource_type in ("Bundle", *sorted(SERVED_TYPES)):
+        get_fhir_model_class(resource_type)
+
+
+def _start_validation_process() -> None:
+    """Import the common FHIR models, then exempt them from garbage collection.
+
+    Validating a large Bundle allocates enough objects to start several full
+    collections, and each would walk every model class again.
+    """
+    preload_models()
+    gc.collect()
+    gc.freeze()
 
 
 def _validation_pool() -> ProcessPoolExecutor:
@@ -66,7 +98,8 @@ def _validation_pool() -> ProcessPoolExecutor:
             # spawn, not fork: forking a process that runs server threads can
             # copy a lock another thread holds, and the child would hang on it.
             _pool = ProcessPoolExecutor(max_workers=os.cpu_count() or 1,
-                                        mp_context=multiprocessing.get_context("spawn"))
+                                        mp_context=multiprocessing.get_context("spawn"),
+                                        initializer=_start_validation_process)
         return _pool
 
 
@@ -100,7 +133,7 @@ def validate_bundle(bundle: dict[str, Any], raw: bytes, policy: str,
     """
     entries = bundle.get("entry")
     cores = os.cpu_count() or 1
-    if (policy != "reject" or cores < 2 or not isinstance(entries, list)
+    if (not _parallel or policy != "reject" or cores < 2 or not isinstance(entries, list)
             or len(entries) < PARALLEL_MIN_ENTRIES
             or not all(isinstance(entry, dict) for entry in entries)):
         validate(bundle, "Bundle", policy, principal)
