@@ -254,13 +254,13 @@ def _supplies(conn: Any, report: Report) -> None:
     report.checked["supply_usages"] = checked
     # An issue held for stock (no_stock, quantity_too_high) is journaled
     # only once it moves, so its open work item explains it.
-    held = work_items.c.subject_key == literal("supply:", String) + supply_issues.c.usage_key
+    hold_of_issue = work_items.c.subject_key == literal("supply:", String) + supply_issues.c.usage_key
     rows = conn.execute(
         select(supply_issues.c.id, supply_issues.c.service_date, supply_issues.c.department,
                supply_issues.c.source_message_id, supply_issues.c.total_cost,
                work_items.c.id.label("item_id"), work_items.c.reason, work_items.c.status)
         .select_from(supply_issues.outerjoin(
-            work_items, held & work_items.c.reason.in_(_STOCK_HOLDS)
+            work_items, hold_of_issue & work_items.c.reason.in_(_STOCK_HOLDS)
             & work_items.c.status.in_(_HOLDING_STATUSES)))
         .where(supply_issues.c.journal_id.is_(None))
         .order_by(supply_issues.c.id)

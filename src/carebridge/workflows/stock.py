@@ -18,11 +18,12 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from decimal import Decimal
 
 from sqlalchemy import Connection, select
 
 from carebridge.config.model import Configuration
-from carebridge.store.schema import stock_moves, supply_issues
+from carebridge.store.schema import stock_moves, supply_issues, work_items
 from carebridge.workflows import procurement
 from carebridge.workflows.reasons import Reason
 from carebridge.workflows.stock_levels import on_hand, record_move
@@ -89,6 +90,11 @@ def move_issues(
         stock_moves.c.supply_issue_id.is_not(None)
     )
     after = 0
+    # Issues held for stock are tried again on every pass, and a worker
+    # passes every loop. Stock on hand is read once per location and item
+    # in a pass, and an issue already held is not looked up again, so a
+    # pass costs a query per item rather than two per held issue.
+    levels: dict[tuple[str, str], Decimal] = {}
     while True:
         rows = conn.execute(
             select(supply_issues)
@@ -98,15 +104,26 @@ def move_issues(
         ).mappings().all()
         if not rows:
             return result
+        held = _held_for_stock(conn, [f"supply:{row['usage_key']}" for row in rows])
         for issue in rows:
-            if _move_issue(conn, config, issue, result):
+            if _move_issue(conn, config, issue, result, levels, held):
                 result.issued += 1
             else:
                 result.held += 1
         after = rows[-1]["id"]
 
 
-def _move_issue(conn: Connection, config: Configuration, issue, result: StockResult) -> bool:
+def _held_for_stock(conn: Connection, subjects: list[str]) -> set[str]:
+    """Return the subjects among ``subjects`` that already have a no_stock work item."""
+    return set(conn.execute(
+        select(work_items.c.subject_key).where(
+            work_items.c.reason == Reason.NO_STOCK.value,
+            work_items.c.subject_key.in_(subjects))
+    ).scalars())
+
+
+def _move_issue(conn: Connection, config: Configuration, issue, result: StockResult,
+                levels: dict[tuple[str, str], Decimal], held: set[str]) -> bool:
     rules = config.rule_book.in_force(issue["service_date"])
     subject = f"supply:{issue['usage_key']}"
     location, item_code, quantity = issue["department"], issue["item_code"], issue["quantity"]
@@ -128,8 +145,13 @@ def _move_issue(conn: Connection, config: Configuration, issue, result: StockRes
             )
             return False
 
-    available = on_hand(conn, location, item_code)
+    level_key = (location, item_code)
+    available = levels.get(level_key)
+    if available is None:
+        available = levels[level_key] = on_hand(conn, location, item_code)
     if available < quantity:
+        if subject in held:
+            return False  # its no_stock item exists; the item closes when stock covers it
         open_item(
             conn, subject_key=subject, reason=Reason.NO_STOCK,
             team=team_for(Reason.NO_STOCK, rules),
@@ -152,7 +174,9 @@ def _move_issue(conn: Connection, config: Configuration, issue, result: StockRes
         message_id=issue["source_message_id"],
     )
     if after is None:
+        levels.pop(level_key, None)  # another pass moved it; read the level again
         return True
+    levels[level_key] = after
     close_item(conn, subject, Reason.NO_STOCK, f"stock available; issued by move issue:{issue['id']}")
 
     level = rules.par_levels.get((location, item_code))
