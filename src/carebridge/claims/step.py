@@ -321,7 +321,11 @@ def release_ready(
     result = result if result is not None else ClaimsResult()
     seen: set[int] = set()
     while True:
-        with engine.begin() as conn:
+        # Building and validating (pyx12) only reads, so it runs outside the
+        # write transaction: on SQLite a write transaction holds the one
+        # write lock, and MLLP acknowledgements and API writes would wait
+        # behind the validation.
+        with engine.connect() as conn:
             query = select(claims).where(claims.c.state == READY)
             if seen:
                 query = query.where(claims.c.id.not_in(seen))
@@ -329,18 +333,15 @@ def release_ready(
             if not ready:
                 return result
             seen.update(row.id for row in ready)
-            _release_batch(conn, ready, billing, now, run_id, result, config)
+            texts, problems = _validate_batch(conn, ready, billing, now)
+        with engine.begin() as conn:
+            _record_batch(conn, ready, texts, problems, now, run_id, result, config)
 
 
-def _release_batch(
-    conn: Connection,
-    ready: Sequence[Row],
-    billing: BillingSettings,
-    now: dt.datetime,
-    run_id: int | None,
-    result: ClaimsResult,
-    config: Configuration | None = None,
-) -> None:
+def _validate_batch(
+    conn: Connection, ready: Sequence[Row], billing: BillingSettings, now: dt.datetime
+) -> tuple[dict[int, str], dict[int, list[str]]]:
+    """Return the X12 text of each claim that passed every check, and the problems of the rest."""
     texts: dict[int, str] = {}
     problems: dict[int, list[str]] = {}
     for claim in ready:
@@ -358,15 +359,33 @@ def _release_batch(
     for claim_id, errors in pyx12_errors(texts).items():
         problems[claim_id] = [f"pyx12: {error}" for error in errors]
         texts.pop(claim_id)
+    return texts, problems
+
+
+def _record_batch(
+    conn: Connection,
+    ready: Sequence[Row],
+    texts: dict[int, str],
+    problems: dict[int, list[str]],
+    now: dt.datetime,
+    run_id: int | None,
+    result: ClaimsResult,
+    config: Configuration | None = None,
+) -> None:
+    """Release or hold each claim that is still ``ready``.
+
+    A claim that changed since it was validated (a late charge replaced it,
+    or another worker recorded it) is left as it now is.
+    """
     for claim in ready:
         if claim.id in texts:
-            _mark_released(conn, claim, texts[claim.id], now, run_id)
+            if not _mark_released(conn, claim, texts[claim.id], now, run_id):
+                continue
             if config is not None:
                 enqueue_claim(conn, config, claim.id, now=now)
             result.released += 1
             result.replacements += claim.replaces_claim_id is not None
-        else:
-            _mark_invalid(conn, claim, problems[claim.id], now, run_id)
+        elif _mark_invalid(conn, claim, problems[claim.id], now, run_id):
             result.invalid += 1
             result.held += 1
 
@@ -447,13 +466,18 @@ def _patient_facts(conn: Connection, patient_id: str) -> PatientFacts:
 
 def _mark_released(
     conn: Connection, claim: Row, text: str, now: dt.datetime, run_id: int | None
-) -> None:
+) -> bool:
+    """Release ``claim`` if it is still ready; return whether it was."""
     reference = claim_reference(claim.id)
-    conn.execute(update(claims).where(claims.c.id == claim.id).values(
-        state=RELEASED, x12=text, claim_reference=reference,
-        interchange_control_number=claim.id, validated_at=now, released_at=now,
-        validation_errors=None, hold_reasons=None, run_id=run_id,
-    ))
+    changed = conn.execute(
+        update(claims).where(claims.c.id == claim.id, claims.c.state == READY).values(
+            state=RELEASED, x12=text, claim_reference=reference,
+            interchange_control_number=claim.id, validated_at=now, released_at=now,
+            validation_errors=None, hold_reasons=None, run_id=run_id,
+        )
+    ).rowcount
+    if changed != 1:
+        return False
     if claim.replaces_claim_id is not None:
         conn.execute(update(claims).where(claims.c.id == claim.replaces_claim_id).values(
             state=REPLACED, replaced_at=now,
@@ -462,16 +486,22 @@ def _mark_released(
                         resolution=f"claim {reference} released")
     log.info("claim released", extra={"action": "claim_released", "claim_id": claim.id,
                                       "frequency_code": claim.frequency_code})
+    return True
 
 
 def _mark_invalid(
     conn: Connection, claim: Row, errors: list[str], now: dt.datetime, run_id: int | None
-) -> None:
+) -> bool:
+    """Hold ``claim`` as invalid if it is still ready; return whether it was."""
     detail = "; ".join(errors)
-    conn.execute(update(claims).where(claims.c.id == claim.id).values(
-        state=HELD, hold_reasons=json.dumps([Reason.CLAIM_INVALID.value]),
-        validation_errors=detail, run_id=run_id, checked_at=now,
-    ))
+    changed = conn.execute(
+        update(claims).where(claims.c.id == claim.id, claims.c.state == READY).values(
+            state=HELD, hold_reasons=json.dumps([Reason.CLAIM_INVALID.value]),
+            validation_errors=detail, run_id=run_id, checked_at=now,
+        )
+    ).rowcount
+    if changed != 1:
+        return False
     rejection = Rejection(
         Reason.CLAIM_INVALID,
         f"claim {claim_reference(claim.id)} of encounter {claim.encounter_id} failed "
@@ -482,3 +512,4 @@ def _mark_invalid(
     log.warning("claim held: validation failed", extra={
         "action": "claim_invalid", "claim_id": claim.id, "errors": len(errors),
     })
+    return True
