@@ -404,16 +404,22 @@ def _start_worker(db_url: str, config_dir: Path | None, options: WorkerOptions,
               "postgresql+psycopg://user:password@host/carebridge.")
 @click.option("--until-idle", is_flag=True,
               help="Exit once no message is left to process (for batch jobs and tests).")
+@click.option("--no-claims", is_flag=True,
+              help="Do not build or release claims from this process; run at least "
+              "one worker without this flag so that claims are billed.")
 @_worker_options
-def worker(db_url: str, until_idle: bool, batch_size: int, no_deliver: bool,
-           config_dir: Path | None) -> None:
-    """Process stored messages, post journals and send deliveries.
+def worker(db_url: str, until_idle: bool, no_claims: bool, batch_size: int,
+           no_deliver: bool, config_dir: Path | None) -> None:
+    """Process stored messages, post journals, bill claims and send deliveries.
 
     Start as many workers as you like, on any hosts, against one PostgreSQL
     database; they share the work without processing a patient's messages
     out of order. SIGTERM or Ctrl-C stops a worker after its current batch.
+    With --no-claims a worker leaves billing to the others, so that
+    processing workers are not slowed by claim checks and validation.
     """
-    options = WorkerOptions(batch_size=batch_size, deliver=not no_deliver)
+    options = WorkerOptions(batch_size=batch_size, deliver=not no_deliver,
+                            claims=not no_claims)
     stats = _start_worker(db_url, config_dir, options, until_idle)
     click.echo(f"worker {options.owner}: {stats.processed} processed, "
                f"{stats.failed} failed, {stats.journals} journals")

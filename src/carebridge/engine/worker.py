@@ -75,7 +75,9 @@ class WorkerOptions:
     post_every_seconds: float = 2.0
     deliver: bool = True
     inbox: Path | None = None
+    claims: bool = True
     claims_every_seconds: float = 60.0
+    claims_after_posting_seconds: float = 10.0
     recheck_held_after: dt.timedelta = dt.timedelta(minutes=5)
     owner: str = field(default_factory=worker_id)
 
@@ -211,11 +213,20 @@ class Worker:
     def _claims(self, *, posted: bool, final: bool) -> None:
         """Run the claims step after posting, while holding the posting lock.
 
-        It runs when journals were posted, before the worker exits, and every
-        ``claims_every_seconds`` so that held claims are checked again.
+        It runs before the worker exits, every ``claims_every_seconds`` so
+        that held claims are checked again, and after a posting once
+        ``claims_after_posting_seconds`` have passed since its last run. A
+        worker under steady load posts every few seconds, and the claims step
+        (pyx12 validation above all) would otherwise take a large share of its
+        time; a claim released within seconds of its charges gains nothing.
         """
+        if not self.options.claims:
+            return
         now = time.monotonic()
-        if not (posted or final or now - self._last_claims >= self.options.claims_every_seconds):
+        since = now - self._last_claims
+        due = (final or since >= self.options.claims_every_seconds
+               or (posted and since >= self.options.claims_after_posting_seconds))
+        if not due:
             return
         self._last_claims = now
         try:
