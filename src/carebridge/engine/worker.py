@@ -93,6 +93,7 @@ class Worker:
         self._stopping = threading.Event()
         self._last_post = 0.0
         self._last_claims = 0.0
+        self._last_steps = 0.0
         self._dirty = False
 
     def stop(self, *_args: object) -> None:
@@ -156,7 +157,12 @@ class Worker:
         resumed = resume_waits(self.engine, self.config)
         busy = busy or bool(resumed.charged or resumed.work_items or resumed.expired)
         # Stock, authorizations and procurement read what processing stored.
-        busy = run_workflow_steps(self.engine, self.config).busy or busy
+        # A busy worker runs them as often as it posts, not after every
+        # batch: each pass reads every held issue and unread message again.
+        now = time.monotonic()
+        if not processed + failed or now - self._last_steps >= self.options.post_every_seconds:
+            self._last_steps = now
+            busy = run_workflow_steps(self.engine, self.config).busy or busy
         posted = self._post(idle=not processed + failed)
         if self.options.deliver and self.config.destinations:
             result = run_deliveries(self.engine, self.config, owner=self.options.owner)
