@@ -201,9 +201,9 @@ def bench_postgres(load: Path, generated: int, admin_url: str, workers: int,
         store = Finished(store_s, max(f.rss_mb for f in stored), "",
                          sum(f.cpu_seconds for f in stored))
         server_after_store = server_cpu_seconds(postmaster)
-        # Processing workers leave billing to a worker of its own, as a
-        # deployment with several workers would (worker --no-claims); that
-        # claims pass runs afterwards and is timed apart.
+        # Processing workers leave billing to a worker of its own
+        # (worker --no-claims), as a deployment with several workers would.
+        # That claims pass runs afterwards and is timed separately.
         process_s, finished = run_parallel(
             [carebridge("worker", "--db", url, "--until-idle", "--no-claims")
              for _ in range(workers)]

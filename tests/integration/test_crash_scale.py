@@ -115,8 +115,8 @@ def inspect(url: str) -> Outcome:
                 assert total == distinct, f"{table}: {total - distinct} doubled {key}"
             assert rows("SELECT count(*) FROM charge_lines WHERE journal_id IS NULL") == [(0,)]
             # The demo configuration keeps stock, so an issue is journaled
-            # once it has left the shelf; one held for stock waits, named by
-            # its no_stock (or quantity_too_high) work item.
+            # once it has left the shelf. An issue held for stock waits, and
+            # its no_stock (or quantity_too_high) work item names it.
             moved = "SELECT supply_issue_id FROM stock_moves WHERE supply_issue_id IS NOT NULL"
             assert rows(f"SELECT count(*) FROM supply_issues WHERE journal_id IS NULL "
                         f"AND id IN ({moved})") == [(0,)]
@@ -248,7 +248,7 @@ def wait_for_stage(progress: Progress, stage: str, processes: list[subprocess.Po
     delay = rounds.uniform(0.0, 0.4)
     before = progress.counts()[column]
     # A stage that is over never moves again (every message stored, or a
-    # worker idle); a worker without --until-idle never ends, so waiting for
+    # worker idle). A worker without --until-idle never exits, so waiting for
     # movement alone could use up the test's time.
     deadline = time.monotonic() + STALLED_SECONDS
     while time.monotonic() < deadline:

@@ -68,7 +68,7 @@ def issue(response: Any) -> dict[str, Any]:
 
 
 def test_unknown_element_path_reported(api: TestClient, headers: dict[str, str],
-                                                engine: Engine) -> None:
+                                       engine: Engine) -> None:
     resources = patients(ENTRIES)
     resources[ENTRIES - 3] = '{"resourceType":"Patient","nickname":"Bulky"}'
     response = api.post("/fhir", headers=headers, content=transaction(resources))
@@ -79,7 +79,7 @@ def test_unknown_element_path_reported(api: TestClient, headers: dict[str, str],
 
 
 def test_decimal_as_text_rejected(api: TestClient, headers: dict[str, str],
-                                                     engine: Engine) -> None:
+                                  engine: Engine) -> None:
     resources = patients(ENTRIES)
     resources[ENTRIES - 2] = ('{"resourceType":"Observation","status":"final",'
                               '"code":{"text":"weight"},'

@@ -597,10 +597,11 @@ def _approve_orders(
                 record_decision(conn, config, step, approved=True, actor="test")
 
 
-def _purchase_deliveries(
-    engine: Engine,
+def _deliveries_of_kind(
+    engine: Engine, kind: str,
 ) -> dict[str, tuple[str, str | None, str | None]]:
-    """PO key suffix -> (state, last_error, response) of its newest delivery."""
+    """Return the key suffix (PO number, claim reference) -> (state, last_error,
+    response) of the newest delivery of each ``kind`` record."""
     with engine.connect() as conn:
         rows = conn.execute(
             select(
@@ -609,13 +610,20 @@ def _purchase_deliveries(
                 deliveries_table.c.last_error,
                 deliveries_table.c.response,
             )
-            .where(deliveries_table.c.kind == "purchase_order")
+            .where(deliveries_table.c.kind == kind)
             .order_by(deliveries_table.c.id)
         ).all()
     return {
         row.idempotency_key.rsplit(":", 1)[1]: (row.state, row.last_error, row.response)
         for row in rows
     }
+
+
+def _purchase_deliveries(
+    engine: Engine,
+) -> dict[str, tuple[str, str | None, str | None]]:
+    """Return PO number -> (state, last_error, response) of its newest delivery."""
+    return _deliveries_of_kind(engine, "purchase_order")
 
 
 def test_purchase_orders_reach_tryton_once(
@@ -734,22 +742,8 @@ def test_purchase_orders_reach_tryton_once(
 
 
 def _claim_deliveries(engine: Engine) -> dict[str, tuple[str, str | None, str | None]]:
-    """Claim reference -> (state, last_error, response) of its newest delivery."""
-    with engine.connect() as conn:
-        rows = conn.execute(
-            select(
-                deliveries_table.c.idempotency_key,
-                deliveries_table.c.state,
-                deliveries_table.c.last_error,
-                deliveries_table.c.response,
-            )
-            .where(deliveries_table.c.kind == "claim")
-            .order_by(deliveries_table.c.id)
-        ).all()
-    return {
-        row.idempotency_key.rsplit(":", 1)[1]: (row.state, row.last_error, row.response)
-        for row in rows
-    }
+    """Return claim reference -> (state, last_error, response) of its newest delivery."""
+    return _deliveries_of_kind(engine, "claim")
 
 
 def _expected_invoices(engine: Engine) -> dict[str, tuple]:

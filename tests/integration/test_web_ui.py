@@ -188,7 +188,7 @@ def test_actions_need_scope_and_csrf(app, data: UiData, engine: Engine) -> None:
     refused = revenue.post(f"/ui/work-items/{item}/approve", data={"csrf": token})
     assert refused.status_code == 403
 
-    # Finance sees the supply-chain step but does not decide it.
+    # Finance can read the supply-chain step but does not decide it.
     finance = sign_in(app, "finance", data.secrets["finance"])
     page = finance.get(f"/ui/work-items/{item}")
     assert page.status_code == 200

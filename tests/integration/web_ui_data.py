@@ -52,10 +52,9 @@ THIRD_DAY_DFT = hl7(
     "PV1|1|O|CLINIC1||||||||||||||||VISWEB3",
     "FT1|1|TXNWEB3||20240503|20240503|CG|99213^OFFICE VISIT EST^CPT|||1|135.50&USD",
 )
-"""A third day's visit. With it the tests' own charges make two journals,
-whichever way the demo data's contested visit numbers fall: the demo's
-2019 charge depends on which of two patients claims a visit first, and
-lanes of different patients run in no fixed order."""
+"""A third day's visit, so the tests' own charges make two journals. The
+demo's 2019 charge depends on which of two patients claims a shared visit
+number first, and lanes of different patients run in no fixed order."""
 
 
 ROLES = ("admin", "integration-analyst", "revenue-cycle", "supply-chain", "finance",

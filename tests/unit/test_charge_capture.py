@@ -173,7 +173,7 @@ def rules_from(day: dt.date, **fields: object) -> RuleBook:
     return RuleBook((RuleSet(version="test.1", effective_from=day, **fields),))
 
 
-def test_coding_edit_replaces_code_before_crosswalk() -> None:
+def test_coding_edit_replaces_code() -> None:
     edits = {(CPT, "99201"): CodingEdit(CPT, "99201", "replace", "99213", "deleted code")}
     config = make_config(rule_book=rules_from(dt.date(2024, 1, 1), coding_edits=edits))
     line = ChargeCapture(config, AS_OF).price(service(code_system=CPT, code="99201"), True)
@@ -182,7 +182,7 @@ def test_coding_edit_replaces_code_before_crosswalk() -> None:
     assert line.hcpcs == "99213"
 
 
-def test_coding_edit_reject_is_a_work_item_naming_the_code() -> None:
+def test_coding_edit_reject_names_code() -> None:
     edits = {(CPT, "99213"): CodingEdit(CPT, "99213", "reject", None, "bundled into 99215")}
     config = make_config(rule_book=rules_from(dt.date(2024, 1, 1), coding_edits=edits))
     result = ChargeCapture(config, AS_OF).price(service(code_system=CPT, code="99213"), True)
@@ -192,14 +192,14 @@ def test_coding_edit_reject_is_a_work_item_naming_the_code() -> None:
     assert "bundled into 99215" in result.detail
 
 
-def test_coding_edit_applies_from_its_effective_date() -> None:
+def test_coding_edit_effective_date() -> None:
     edits = {(CPT, "99213"): CodingEdit(CPT, "99213", "reject", None, "test")}
     config = make_config(rule_book=rules_from(dt.date(2024, 6, 1), coding_edits=edits))
     earlier = ChargeCapture(config, AS_OF).price(service(code_system=CPT, code="99213"), True)
     assert isinstance(earlier, ChargeLine)  # served 2024-05-01, before the rules
 
 
-def test_pricing_multiplier_rounds_unit_price_first() -> None:
+def test_pricing_multiplier_rounds_unit_first() -> None:
     pricing = (PricingRule(Decimal("1.015"), revenue_code_prefix="030"),)
     config = make_config(rule_book=rules_from(dt.date(2024, 1, 1), pricing=pricing))
     line = ChargeCapture(config, AS_OF).price(service(quantity=Decimal("3")), True)
@@ -209,7 +209,7 @@ def test_pricing_multiplier_rounds_unit_price_first() -> None:
     assert line.amount == Decimal("138.54")
 
 
-def test_pricing_multiplier_leaves_sent_prices_alone() -> None:
+def test_pricing_keeps_sent_prices() -> None:
     pricing = (PricingRule(Decimal("2"), charge_code="30001"),)
     config = make_config(rule_book=rules_from(dt.date(2024, 1, 1), pricing=pricing))
     line = ChargeCapture(config, AS_OF).price(service(amount=Decimal("50.00")), True)

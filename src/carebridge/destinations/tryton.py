@@ -561,7 +561,8 @@ class TrytonDestination:
     def _send_purchases(
         self, client: TrytonClient, items: list[Outbound]
     ) -> dict[int, SendResult]:
-        self._prefetch_suppliers(client, items)
+        self._prefetch_parties(client, items, "purchase_order", "supplier",
+                               self.settings.supplier_codes)
         prepared, results = _prepare(
             items, lambda item: self._purchase_values(client, item)
         )
@@ -590,7 +591,8 @@ class TrytonDestination:
         if order["currency"] != self._company_currency:
             raise _Rejected(
                 f"purchase order {po_number} currency {order['currency']} differs "
-                f"from the Tryton company currency {self._company_currency}"
+                f"from the Tryton company currency {self._company_currency}; post it "
+                "to a Tryton company in that currency"
             )
         party, address = self._party(
             client, order["supplier"], "supplier", "supplier_codes"
@@ -601,13 +603,13 @@ class TrytonDestination:
             if quantity <= 0:
                 raise _Rejected(
                     f"purchase order {po_number} line {line['line_no']}: "
-                    f"quantity {quantity} is not positive"
+                    f"quantity {quantity} is not positive; correct the request and replay"
                 )
             unit_price = _decimal(line["unit_price"], "unit_price")
             if unit_price < 0:
                 raise _Rejected(
                     f"purchase order {po_number} line {line['line_no']}: "
-                    f"unit price {unit_price} is negative"
+                    f"unit price {unit_price} is negative; correct the item's cost and replay"
                 )
             product, unit = self._product(client, line["item_code"])
             lines.append(
@@ -641,15 +643,23 @@ class TrytonDestination:
             "lines": [["create", lines]],
         }
 
-    def _prefetch_suppliers(self, client: TrytonClient, items: list[Outbound]) -> None:
-        """Look up the batch's suppliers and their addresses in two to three calls."""
+    def _prefetch_parties(
+        self, client: TrytonClient, items: list[Outbound], document: str, field: str,
+        mapping: dict[str, str],
+    ) -> None:
+        """Look up the parties that ``items`` name, and their addresses, in two to three calls.
+
+        ``document`` and ``field`` locate the party's code in each payload
+        (``purchase_order.supplier``, ``claim.payer_id``), and ``mapping``
+        turns it into the Tryton code.
+        """
         codes: set[str] = set()
         for item in items:
             try:
-                supplier = json.loads(item.payload)["purchase_order"]["supplier"]
+                code = json.loads(item.payload)[document][field]
             except (ValueError, KeyError, TypeError):
                 continue  # reported for that delivery when its values are built
-            codes.add(self.settings.supplier_codes.get(supplier, supplier))
+            codes.add(mapping.get(code, code))
         known = set(self._parties) | set(self._shared_identifiers)
         self._load_parties(client, sorted(codes - known))
 
@@ -750,7 +760,7 @@ class TrytonDestination:
         booking revenue twice. A delivery is delivered when all of its
         documents are posted; otherwise the first failure is its reason.
         """
-        self._prefetch_payers(client, items)
+        self._prefetch_parties(client, items, "claim", "payer_id", self.settings.payer_codes)
         failed: dict[int, str] = {}
         details: dict[int, list[str]] = defaultdict(list)
         claims: dict[int, dict[str, Any]] = {}
@@ -881,15 +891,16 @@ class TrytonDestination:
         quantities. Lines credit the clearing account, because Tryton
         accepts only revenue-type accounts on customer invoice lines. A line
         whose amount divides evenly by its whole units shows them as its
-        quantity; any other line is one unit at its amount, so every line
-        equals carebridge's to the cent.
+        quantity. Any other line is one unit at its amount, so that every
+        line equals carebridge's to the cent.
         """
         reference = claim["claim_reference"]
         company = self._company(client)
         if claim["currency"] != self._company_currency:
             raise _Rejected(
                 f"claim {reference} currency {claim['currency']} differs from the "
-                f"Tryton company currency {self._company_currency}"
+                f"Tryton company currency {self._company_currency}; post it to a "
+                "Tryton company in that currency"
             )
         party, address = self._party(client, claim["payer_id"], "payer", "payer_codes")
         source = claim["replaces"] if credit else claim
@@ -925,11 +936,12 @@ class TrytonDestination:
                 }
             )
         if not lines:
-            raise _Rejected(f"claim {source['claim_reference']} has no lines")
+            raise _Rejected(f"claim {source['claim_reference']} has no lines; an empty "
+                            "claim cannot be invoiced, so check the claim in carebridge")
         if total != _decimal(source["total"], "total"):
             raise _Rejected(
                 f"claim {source['claim_reference']} lines add up to {total}, not "
-                f"to its total {source['total']}"
+                f"to its total {source['total']}; check the claim in carebridge"
             )
         if credit:
             description = (
@@ -1002,18 +1014,6 @@ class TrytonDestination:
             "external_ref": item.idempotency_key,
             "lines": [["create", lines]],
         }
-
-    def _prefetch_payers(self, client: TrytonClient, items: list[Outbound]) -> None:
-        """Look up the batch's payers and their addresses in two to three calls."""
-        codes: set[str] = set()
-        for item in items:
-            try:
-                payer = json.loads(item.payload)["claim"]["payer_id"]
-            except (ValueError, KeyError, TypeError):
-                continue  # reported for that delivery when its values are built
-            codes.add(self.settings.payer_codes.get(payer, payer))
-        known = set(self._parties) | set(self._shared_identifiers)
-        self._load_parties(client, sorted(codes - known))
 
     def _billed_receivable(self, client: TrytonClient, party: int) -> int:
         """Return the invoice's receivable account: the setting, the party's, or the default."""

@@ -104,9 +104,9 @@ def move_issues(
         ).mappings().all()
         if not rows:
             return result
-        held = _held_for_stock(conn, [f"supply:{row['usage_key']}" for row in rows])
+        held_subjects = _held_for_stock(conn, [f"supply:{row['usage_key']}" for row in rows])
         for issue in rows:
-            if _move_issue(conn, config, issue, result, levels, held):
+            if _move_issue(conn, config, issue, result, levels, held_subjects):
                 result.issued += 1
             else:
                 result.held += 1
@@ -123,7 +123,7 @@ def _held_for_stock(conn: Connection, subjects: list[str]) -> set[str]:
 
 
 def _move_issue(conn: Connection, config: Configuration, issue, result: StockResult,
-                levels: dict[tuple[str, str], Decimal], held: set[str]) -> bool:
+                levels: dict[tuple[str, str], Decimal], held_subjects: set[str]) -> bool:
     rules = config.rule_book.in_force(issue["service_date"])
     subject = f"supply:{issue['usage_key']}"
     location, item_code, quantity = issue["department"], issue["item_code"], issue["quantity"]
@@ -150,7 +150,7 @@ def _move_issue(conn: Connection, config: Configuration, issue, result: StockRes
     if available is None:
         available = levels[level_key] = on_hand(conn, location, item_code)
     if available < quantity:
-        if subject in held:
+        if subject in held_subjects:
             return False  # its no_stock item exists; the item closes when stock covers it
         open_item(
             conn, subject_key=subject, reason=Reason.NO_STOCK,
