@@ -854,29 +854,30 @@ def test_released_claims_become_invoices_once(running, site, tmp_path: Path) -> 
 
 
 def test_demo_erp_reports_tryton_totals(tmp_path: Path) -> None:
-    out = tmp_path / "demo"
+    # A relative --out, as the README's `make demo` uses (carebridge-demo).
     command = [
         str(Path(sys.executable).parent / "carebridge"),
         "demo",
         "--erp",
         "--json",
         "--out",
-        str(out),
+        "demo",
     ]
     done = subprocess.run(
-        command, capture_output=True, text=True, timeout=600, check=False
+        command, capture_output=True, text=True, timeout=600, check=False, cwd=tmp_path
     )
     assert done.returncode == 0, done.stderr[-3000:]
     summary = json.loads(done.stdout)
     erp = summary["erp"]
     assert erp["moves"] == summary["journals"]["count"]
     assert erp["stock_moves"] == summary["supply_postings"]["count"]
-    with open_engine(summary["database"]).connect() as conn:
+    database = open_engine(sqlite_url(tmp_path / "demo" / "carebridge.db"))
+    with database.connect() as conn:
         orders = conn.execute(select(func.count()).select_from(purchase_orders))
         order_count = orders.scalar_one()
     assert order_count > 0
     assert erp["purchase_orders"] == order_count
-    with open_engine(summary["database"]).connect() as conn:
+    with database.connect() as conn:
         released = conn.execute(
             select(func.count()).select_from(claims).where(claims.c.state == "released")
         ).scalar_one()

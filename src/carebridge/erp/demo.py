@@ -77,6 +77,9 @@ def post_run_to_tryton(
         whether its totals per account equal carebridge's ledger.
     """
     started = time.perf_counter()
+    # trytond-admin and trytond run from folders of their own, so a relative
+    # folder (the demo's default ``carebridge-demo``) would point elsewhere.
+    folder = folder.resolve()
     site = TrytonSite(folder, port=free_port())
     password_file = folder / "admin-password"
     created = fresh or not site.sqlite_path(DATABASE).exists()
