@@ -51,6 +51,7 @@ pytestmark = pytest.mark.skipif(
     reason=f"browser tests need Debian's Chromium at {CHROMIUM} (apt-get install chromium)")
 
 sync_api = pytest.importorskip("playwright.sync_api")
+expect = sync_api.expect
 
 
 class Site:
@@ -122,11 +123,13 @@ def test_sign_in_with_keyboard_and_open_queue(page, site: Site) -> None:
     assert page.evaluate("document.activeElement.id") == "main"
     assert page.get_by_role("heading", name="Work queues").is_visible()
     page.get_by_role("link", name=re.compile(r"^revenue_cycle")).click()
+    page.wait_for_url(re.compile(r"team=revenue_cycle"))
     page.get_by_label("Reason").select_option("unknown_code")
     page.get_by_role("button", name="Filter").click()
+    page.wait_for_url(re.compile(r"reason=unknown_code"))
     rows = page.locator("table.data tbody tr")
-    assert rows.count() > 0
-    assert page.locator("table.data .sla").first.is_visible()
+    expect(rows.first).to_be_visible()
+    expect(page.locator("table.data .sla").first).to_be_visible()
     shoot(page, "queue")
 
 
@@ -160,11 +163,12 @@ def test_approve_procurement_step(page, site: Site) -> None:
     item = site.data.procurement_item
     sign_in(page, site, "supply-chain", "/ui/queues?team=supply_chain")
     page.get_by_role("link", name=f"#{item}").click()
-    assert "approve the purchase of 100 SUP-100232" in page.locator(".rule").inner_text()
+    page.wait_for_url(f"**/ui/work-items/{item}")
+    expect(page.locator(".rule")).to_contain_text("approve the purchase of 100 SUP-100232")
     page.get_by_label("Approval note").fill("within the capital budget")
     page.get_by_role("button", name="Approve").click()
     page.wait_for_selector("#history >> text=approved")
-    assert "approved" in page.locator("dl.facts").inner_text()
+    expect(page.locator("dl.facts")).to_contain_text("approved")
     shoot(page, "procurement-approved")
     with site.engine.connect() as conn:
         status = conn.execute(select(work_items.c.status)
@@ -207,13 +211,15 @@ def test_message_lineage_dashboard_and_reconciliation(page, site: Site) -> None:
     sign_in(page, site, "admin", "/ui/messages?control_id=CTLWEB2")
     page.locator("table.data tbody a").first.click()
     page.get_by_role("heading", name="Lineage").wait_for()
-    assert page.locator("#charges").is_visible()
+    expect(page.locator("#charges")).to_be_visible()
     shoot(page, "message")
     page.get_by_role("link", name="Dashboard").click()
-    assert page.locator("svg.chart").count() == 5
+    page.wait_for_url("**/ui/dashboard")
+    expect(page.locator("svg.chart")).to_have_count(5)
     shoot(page, "dashboard")
     page.get_by_role("link", name="Reconciliation").click()
-    assert page.locator("#unexplained-count").is_visible()
+    page.wait_for_url("**/ui/reconciliation*")
+    expect(page.locator("#unexplained-count")).to_be_visible()
     shoot(page, "reconciliation")
     page.emulate_media(media="print")
     assert not page.locator(".site-header").is_visible()

@@ -12,7 +12,6 @@ from sqlalchemy import (
     Connection,
     Row,
     and_,
-    distinct,
     func,
     insert,
     or_,
@@ -273,7 +272,7 @@ def lineage(conn: Connection, message: Row) -> dict[str, Any]:
     """Return the records derived from ``message``, its work items and deliveries."""
     message_id = message.id
     journal_ids = sorted(conn.execute(
-        select(distinct(journal_lines.c.journal_id))
+        select(journal_lines.c.journal_id).distinct()
         .where(journal_lines.c.source_message_id == message_id)
     ).scalars())
     item_ids = select(services.c.work_item_id).where(
