@@ -19,6 +19,7 @@ from carebridge.claims.build837 import (
 )
 from carebridge.claims.readiness import service_lines
 from carebridge.claims.validate import (
+    Pyx12Pool,
     check_claim_text,
     claim_amounts,
     component,
@@ -162,6 +163,17 @@ def test_pyx12_names_the_broken_claim(billing: BillingFile) -> None:
     errors = pyx12_errors({40: good, 41: broken})
     assert list(errors) == [41]
     assert any("DMG02" in message for message in errors[41])
+
+
+def test_pyx12_pool_finds_the_same_errors_as_one_process(billing: BillingFile) -> None:
+    texts = {number: build_837(draft(), billing, number, CREATED) for number in range(60, 66)}
+    texts[63] = texts[63].replace("DMG*D8*19800101*F", "DMG*D8*19801301*F")
+    texts[65] = texts[65].replace("DMG*D8*19800101*F", "DMG*D8*19800231*F")
+    alone = pyx12_errors(texts)
+    assert sorted(alone) == [63, 65]
+    with Pyx12Pool(2) as pool:
+        wait = pool.submit(texts)
+        assert wait() == alone
 
 
 def test_tampered_line_amount_is_caught(billing: BillingFile) -> None:

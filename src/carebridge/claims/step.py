@@ -28,11 +28,22 @@ import datetime as dt
 import hashlib
 import json
 import logging
-from collections.abc import Sequence
+import os
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from decimal import Decimal
 
-from sqlalchemy import Connection, Engine, Row, and_, delete, func, insert, select, update
+from sqlalchemy import (
+    Connection,
+    Engine,
+    Row,
+    and_,
+    delete,
+    func,
+    insert,
+    select,
+    update,
+)
 
 from carebridge.claims.build837 import (
     INSTITUTIONAL,
@@ -56,12 +67,18 @@ from carebridge.claims.readiness import (
     service_lines,
     waiting_encounters,
 )
-from carebridge.claims.validate import check_claim_text, pyx12_errors
+from carebridge.claims.validate import Pyx12Pool, check_claim_text
 from carebridge.claims.workitems import resolve_claim_items, sync_claim_items
 from carebridge.claims.x12 import DELIMITERS, X12DataError
 from carebridge.config.model import BillingSettings, Configuration
 from carebridge.config.rules import RuleBook
-from carebridge.store.schema import charge_lines, claim_lines, claims, encounters, patients
+from carebridge.store.schema import (
+    charge_lines,
+    claim_lines,
+    claims,
+    encounters,
+    patients,
+)
 from carebridge.workflows.reasons import Reason, Rejection
 
 log = logging.getLogger(__name__)
@@ -155,13 +172,9 @@ def _due_encounters(conn: Connection, recheck_before: dt.datetime) -> list[str]:
     due = []
     for encounter_id, count in counts.items():
         claim = current.get(encounter_id)
-        if claim is None:
-            due.append(encounter_id)
-        elif claim.state == HELD and (
+        if claim is None or claim.state == HELD and (
             claim.charge_line_count != count or _aware(claim.checked_at) <= recheck_before
-        ):
-            due.append(encounter_id)
-        elif claim.state == RELEASED and claim.charge_line_count != count:
+        ) or claim.state == RELEASED and claim.charge_line_count != count:
             due.append(encounter_id)
     return sorted(due)
 
@@ -303,6 +316,16 @@ def _write_lines(conn: Connection, claim_id: int, lines: Sequence[ClaimLineDraft
         ])
 
 
+POOL_MINIMUM = 300
+"""Ready claims below which pyx12 runs in the calling process: starting the
+child processes costs about as much as validating this many claims."""
+
+
+def validation_processes() -> int:
+    """Return how many processes validate a large backlog: one per core, at most four."""
+    return max(1, min(4, os.cpu_count() or 1))
+
+
 def release_ready(
     engine: Engine,
     billing: BillingSettings,
@@ -312,36 +335,76 @@ def release_ready(
     batch_size: int = 200,
     result: ClaimsResult | None = None,
     config: Configuration | None = None,
+    processes: int | None = None,
 ) -> ClaimsResult:
     """Build, check and validate every ``ready`` claim; release it or hold it.
 
     With ``config``, each released claim is enqueued, in the transaction
     that releases it, to the destinations whose ``kinds`` list ``claim``.
+    A backlog of at least :data:`POOL_MINIMUM` claims is validated by
+    ``processes`` child processes (default :func:`validation_processes`),
+    and each batch is built while the one before it is validated.
     """
     result = result if result is not None else ClaimsResult()
+    with engine.connect() as conn:
+        backlog = conn.execute(
+            select(func.count()).select_from(claims).where(claims.c.state == READY)
+        ).scalar_one()
+    if not backlog:
+        return result
+    if processes is None:
+        processes = validation_processes()
+    if backlog < POOL_MINIMUM:
+        processes = 1
     seen: set[int] = set()
-    while True:
-        # Building and validating (pyx12) only reads, so it runs outside the
-        # write transaction: on SQLite a write transaction holds the one
-        # write lock, and MLLP acknowledgements and API writes would wait
-        # behind the validation.
-        with engine.connect() as conn:
-            query = select(claims).where(claims.c.state == READY)
-            if seen:
-                query = query.where(claims.c.id.not_in(seen))
-            ready = conn.execute(query.order_by(claims.c.id).limit(batch_size)).all()
-            if not ready:
+    pending: _Batch | None = None
+    with Pyx12Pool(processes) as pool:
+        while True:
+            # Building and validating (pyx12) only reads, so it runs outside
+            # the write transaction: on SQLite a write transaction holds the
+            # one write lock, and MLLP acknowledgements and API writes would
+            # wait behind the validation.
+            batch: _Batch | None = None
+            with engine.connect() as conn:
+                query = select(claims).where(claims.c.state == READY)
+                if seen:
+                    query = query.where(claims.c.id.not_in(seen))
+                ready = conn.execute(query.order_by(claims.c.id).limit(batch_size)).all()
+                if ready:
+                    seen.update(row.id for row in ready)
+                    texts, problems = _check_batch(conn, ready, billing, now)
+                    batch = _Batch(ready, texts, problems, pool.submit(texts))
+            if pending is not None:
+                pending.finish()
+                with engine.begin() as conn:
+                    _record_batch(conn, pending.ready, pending.texts, pending.problems, now,
+                                  run_id, result, config)
+            if batch is None:
                 return result
-            seen.update(row.id for row in ready)
-            texts, problems = _validate_batch(conn, ready, billing, now)
-        with engine.begin() as conn:
-            _record_batch(conn, ready, texts, problems, now, run_id, result, config)
+            pending = batch
 
 
-def _validate_batch(
+@dataclass(slots=True)
+class _Batch:
+    """Ready claims whose X12 text pyx12 is validating."""
+
+    ready: Sequence[Row]
+    texts: dict[int, str]
+    problems: dict[int, list[str]]
+    pyx12: Callable[[], dict[int, list[str]]]
+
+    def finish(self) -> None:
+        """Wait for pyx12 and move the claims it failed from ``texts`` to ``problems``."""
+        for claim_id, errors in self.pyx12().items():
+            self.problems[claim_id] = [f"pyx12: {error}" for error in errors]
+            self.texts.pop(claim_id)
+
+
+def _check_batch(
     conn: Connection, ready: Sequence[Row], billing: BillingSettings, now: dt.datetime
 ) -> tuple[dict[int, str], dict[int, list[str]]]:
-    """Return the X12 text of each claim that passed every check, and the problems of the rest."""
+    """Return the X12 text of each claim that passed the checks pyx12 lacks, and
+    the problems of the rest."""
     texts: dict[int, str] = {}
     problems: dict[int, list[str]] = {}
     for claim in ready:
@@ -356,9 +419,6 @@ def _validate_batch(
             problems[claim.id] = found
         else:
             texts[claim.id] = text
-    for claim_id, errors in pyx12_errors(texts).items():
-        problems[claim_id] = [f"pyx12: {error}" for error in errors]
-        texts.pop(claim_id)
     return texts, problems
 
 

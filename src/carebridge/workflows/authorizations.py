@@ -61,6 +61,10 @@ transactions are expected to last far less than this."""
 HL7_TYPES = (b"REF^I12", b"SIU^S12")
 FHIR_TYPES = (b'"ServiceRequest"', b'"Claim"', b'"ClaimResponse"')
 
+# Only HL7 v2 and FHIR JSON messages carry referrals, bookings and
+# authorizations; CSV rows, the bulk of a load, are never read by this step.
+_READABLE = messages.c.format.like("hl7v2%") | messages.c.format.like("fhir-json%")
+
 AuthorizationState = Literal["approved", "exhausted", "pending", "missing", "expired"]
 
 _REASON_BY_STATE = {
@@ -180,7 +184,7 @@ def read_messages(
     rows = conn.execute(
         select(messages.c.id, messages.c.format, raw_column())
         .select_from(with_bodies())
-        .where(messages.c.id > cursor, messages.c.state == "processed",
+        .where(messages.c.id > cursor, messages.c.state == "processed", _READABLE,
                messages.c.id.not_in(read))
         .order_by(messages.c.id)
         .limit(limit)
@@ -245,13 +249,13 @@ def _cursor(conn: Connection) -> int:
 def _advance_cursor(conn: Connection, cursor: int) -> None:
     """Move the cursor over every message that is read or needs no reading.
 
-    It stops before the first message still to be processed or read, and
-    never passes a message younger than :data:`CURSOR_GRACE`.
+    It stops before the first HL7 v2 or FHIR message still to be processed
+    or read, and never passes a message younger than :data:`CURSOR_GRACE`.
     """
     read = select(workflow_marks.c.message_id).where(workflow_marks.c.step == STEP)
     waiting = conn.execute(
         select(func.min(messages.c.id)).where(
-            messages.c.id > cursor,
+            messages.c.id > cursor, _READABLE,
             (messages.c.state == "received")
             | ((messages.c.state == "processed") & messages.c.id.not_in(read)),
         )
