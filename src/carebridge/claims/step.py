@@ -29,6 +29,7 @@ import hashlib
 import json
 import logging
 import os
+from collections import defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from decimal import Decimal
@@ -38,9 +39,9 @@ from sqlalchemy import (
     Engine,
     Row,
     and_,
+    bindparam,
     delete,
     func,
-    insert,
     select,
     update,
 )
@@ -68,10 +69,16 @@ from carebridge.claims.readiness import (
     waiting_encounters,
 )
 from carebridge.claims.validate import Pyx12Pool, check_claim_text
-from carebridge.claims.workitems import resolve_claim_items, sync_claim_items
+from carebridge.claims.workitems import (
+    ClaimCheck,
+    resolve_many_claim_items,
+    sync_claim_items,
+    sync_many_claim_items,
+)
 from carebridge.claims.x12 import DELIMITERS, X12DataError
 from carebridge.config.model import BillingSettings, Configuration
 from carebridge.config.rules import RuleBook
+from carebridge.engine.batch_write import insert_returning_ids, insert_rows
 from carebridge.store.schema import (
     charge_lines,
     claim_lines,
@@ -206,6 +213,7 @@ def check_encounters(
     busy = busy_patients(conn, patient_ids)
     waiting = waiting_encounters(conn, facts)
     current = _current_claims(conn, list(facts))
+    drafts: list[_Checked] = []
     for encounter_id in sorted(facts):
         item = facts[encounter_id]
         if item.encounter.end is None or not item.charges:
@@ -219,16 +227,29 @@ def check_encounters(
             continue
         lines = service_lines(item.charges)
         problems = readiness_problems(conn, item, lines, billing, authorizations, rule_book)
-        claim_id = _write_claim(conn, item, claim, lines, problems, billing, now, run_id)
-        _write_lines(conn, claim_id, lines)
-        sync_claim_items(conn, encounter_id, item.encounter.updated_message_id, problems,
-                         now=now, amount_at_risk=item.total)
+        drafts.append(_Checked(item, claim, lines, problems))
         result.checked += 1
         if problems:
             result.held += 1
         else:
             result.ready += 1
+    _write_claims(conn, drafts, billing, now, run_id)
+    sync_many_claim_items(conn, [
+        ClaimCheck(checked.facts.encounter_id, checked.facts.encounter.updated_message_id,
+                   checked.problems, checked.facts.total)
+        for checked in drafts
+    ], now=now)
     return result
+
+
+@dataclass(slots=True)
+class _Checked:
+    """One encounter's readiness check, before its claim row is written."""
+
+    facts: EncounterFacts
+    claim: Row | None
+    lines: list[ClaimLineDraft]
+    problems: list[Rejection]
 
 
 def _kind(encounter_class: str | None, billing: BillingSettings) -> str:
@@ -244,18 +265,12 @@ def patient_control_number(encounter_id: str) -> str:
     return "CB" + hashlib.sha256(encounter_id.encode()).hexdigest()[:30].upper()
 
 
-def _write_claim(
-    conn: Connection,
-    item: EncounterFacts,
-    claim: Row | None,
-    lines: Sequence[ClaimLineDraft],
-    problems: Sequence[Rejection],
-    billing: BillingSettings,
-    now: dt.datetime,
-    run_id: int | None,
-) -> int:
-    """Insert or update the claim row of one check; return its id."""
-    values = {
+def _claim_values(
+    checked: _Checked, billing: BillingSettings, now: dt.datetime, run_id: int | None
+) -> dict[str, object]:
+    """Return the columns a readiness check sets on the claim row."""
+    item, claim, lines, problems = checked.facts, checked.claim, checked.lines, checked.problems
+    values: dict[str, object] = {
         "patient_id": item.encounter.patient_id,
         "kind": _kind(item.encounter.encounter_class, billing),
         "state": HELD if problems else READY,
@@ -278,15 +293,14 @@ def _write_claim(
         if unchanged:
             # The run that held it stays its run, so a summary counts it once.
             values["run_id"] = claim.run_id
-        conn.execute(update(claims).where(claims.c.id == claim.id).values(**values))
-        return claim.id
+        return values
     if claim is None:
         version, frequency, replaces, original = 1, ORIGINAL, None, None
     else:
         # A released claim is never edited: the new version replaces it.
         version, frequency = claim.version + 1, REPLACEMENT
         replaces, original = claim.id, claim.claim_reference
-    return conn.execute(insert(claims).values(
+    values.update(
         encounter_id=item.encounter_id,
         version=version,
         frequency_code=frequency,
@@ -294,26 +308,59 @@ def _write_claim(
         replaces_claim_id=replaces,
         original_reference=original,
         created_at=now,
-        **values,
-    )).inserted_primary_key[0]
+    )
+    return values
 
 
-def _write_lines(conn: Connection, claim_id: int, lines: Sequence[ClaimLineDraft]) -> None:
-    conn.execute(delete(claim_lines).where(claim_lines.c.claim_id == claim_id))
-    if lines:
-        conn.execute(insert(claim_lines), [
-            {
-                "claim_id": claim_id,
-                "line_no": line.line_no,
-                "procedure_code": line.procedure_code,
-                "revenue_code": line.revenue_code,
-                "units": line.units,
-                "amount": line.amount,
-                "service_date": line.service_date,
-                "charge_line_ids": ",".join(str(i) for i in line.charge_line_ids),
-            }
-            for line in lines
-        ])
+def _write_claims(
+    conn: Connection,
+    checked: Sequence[_Checked],
+    billing: BillingSettings,
+    now: dt.datetime,
+    run_id: int | None,
+) -> None:
+    """Write the claim row and service lines of each check.
+
+    A held claim is updated in place; otherwise a new row is inserted (a
+    first claim, or a new version that replaces a released one). Rows and
+    lines are written a few statements per batch.
+    """
+    updated: list[tuple[int, _Checked]] = []
+    inserted: list[_Checked] = []
+    for entry in checked:
+        if entry.claim is not None and entry.claim.state == HELD:
+            updated.append((entry.claim.id, entry))
+        else:
+            inserted.append(entry)
+    if updated:
+        columns = list(_claim_values(updated[0][1], billing, now, run_id))
+        conn.execute(
+            update(claims).where(claims.c.id == bindparam("b_id"))
+            .values({name: bindparam(f"b_{name}") for name in columns}),
+            [{"b_id": claim_id, **{f"b_{name}": value for name, value
+                                   in _claim_values(entry, billing, now, run_id).items()}}
+             for claim_id, entry in updated],
+        )
+        ids = [claim_id for claim_id, _ in updated]
+        for start in range(0, len(ids), 500):
+            conn.execute(delete(claim_lines).where(claim_lines.c.claim_id.in_(ids[start:start + 500])))
+    new_ids = insert_returning_ids(
+        conn, claims, [_claim_values(entry, billing, now, run_id) for entry in inserted])
+    lines = [
+        {
+            "claim_id": claim_id,
+            "line_no": line.line_no,
+            "procedure_code": line.procedure_code,
+            "revenue_code": line.revenue_code,
+            "units": line.units,
+            "amount": line.amount,
+            "service_date": line.service_date,
+            "charge_line_ids": ",".join(str(i) for i in line.charge_line_ids),
+        }
+        for claim_id, entry in [*updated, *zip(new_ids, inserted, strict=True)]
+        for line in entry.lines
+    ]
+    insert_rows(conn, claim_lines, lines)
 
 
 POOL_MINIMUM = 300
@@ -407,9 +454,10 @@ def _check_batch(
     the problems of the rest."""
     texts: dict[int, str] = {}
     problems: dict[int, list[str]] = {}
+    stored = _StoredFacts.load(conn, ready)
     for claim in ready:
         try:
-            draft, expected_total = _draft(conn, claim, billing)
+            draft, expected_total = _draft(stored, claim, billing)
             text = build_837(draft, billing.file, claim.id, now)
         except X12DataError as exc:
             problems[claim.id] = [str(exc)]
@@ -437,15 +485,15 @@ def _record_batch(
     A claim that changed since it was validated (a late charge replaced it,
     or another worker recorded it) is left as it now is.
     """
+    released = _mark_released(conn, [claim for claim in ready if claim.id in texts],
+                               texts, now, run_id)
+    for claim in released:
+        if config is not None:
+            enqueue_claim(conn, config, claim.id, now=now)
+        result.released += 1
+        result.replacements += claim.replaces_claim_id is not None
     for claim in ready:
-        if claim.id in texts:
-            if not _mark_released(conn, claim, texts[claim.id], now, run_id):
-                continue
-            if config is not None:
-                enqueue_claim(conn, config, claim.id, now=now)
-            result.released += 1
-            result.replacements += claim.replaces_claim_id is not None
-        elif _mark_invalid(conn, claim, problems[claim.id], now, run_id):
+        if claim.id not in texts and _mark_invalid(conn, claim, problems[claim.id], now, run_id):
             result.invalid += 1
             result.held += 1
 
@@ -455,19 +503,57 @@ def claim_reference(claim_id: int) -> str:
     return f"CB{claim_id:010d}"
 
 
-def _draft(conn: Connection, claim: Row, billing: BillingSettings) -> tuple[ClaimDraft, Decimal]:
+@dataclass(slots=True)
+class _StoredFacts:
+    """The encounters, service lines, charge amounts and patients of a batch of claims."""
+
+    encounters: dict[str, Row]
+    lines: dict[int, tuple[ClaimLineDraft, ...]]
+    amounts: dict[int, Decimal]
+    patients: dict[str, Row]
+
+    @classmethod
+    def load(cls, conn: Connection, ready: Sequence[Row]) -> _StoredFacts:
+        """Read what building the claims in ``ready`` needs, a few queries per table."""
+        def chunks(values: Sequence) -> list[list]:
+            ordered = sorted(set(values))
+            return [ordered[start:start + 500] for start in range(0, len(ordered), 500)]
+
+        facts = cls({}, defaultdict(tuple), {}, {})
+        for chunk in chunks([claim.encounter_id for claim in ready]):
+            for row in conn.execute(select(encounters).where(encounters.c.encounter_id.in_(chunk))):
+                facts.encounters[row.encounter_id] = row
+        for chunk in chunks([claim.id for claim in ready]):
+            rows = conn.execute(select(claim_lines).where(claim_lines.c.claim_id.in_(chunk))
+                                .order_by(claim_lines.c.claim_id, claim_lines.c.line_no))
+            for row in rows:
+                facts.lines[row.claim_id] += (ClaimLineDraft(
+                    line_no=row.line_no, procedure_code=row.procedure_code,
+                    revenue_code=row.revenue_code, units=row.units, amount=row.amount,
+                    service_date=row.service_date,
+                    charge_line_ids=tuple(int(i) for i in row.charge_line_ids.split(",")),
+                ),)
+        covered = [i for lines in facts.lines.values() for line in lines
+                   for i in line.charge_line_ids]
+        for chunk in chunks(covered):
+            facts.amounts.update(conn.execute(
+                select(charge_lines.c.id, charge_lines.c.amount)
+                .where(charge_lines.c.id.in_(chunk))).tuples().all())
+        for chunk in chunks([claim.patient_id for claim in ready]):
+            for row in conn.execute(select(patients).where(patients.c.patient_id.in_(chunk))):
+                facts.patients[row.patient_id] = row
+        return facts
+
+
+def _draft(stored: _StoredFacts, claim: Row, billing: BillingSettings
+           ) -> tuple[ClaimDraft, Decimal]:
     """Return the claim as stored, and the sum of the charge lines it covers."""
-    encounter = conn.execute(
-        select(encounters).where(encounters.c.encounter_id == claim.encounter_id)
-    ).one()
-    lines = _stored_lines(conn, claim.id)
+    encounter = stored.encounters[claim.encounter_id]
+    lines = stored.lines[claim.id]
     covered = [i for line in lines for i in line.charge_line_ids]
     if len(set(covered)) != len(covered):
         raise X12DataError("a charge line is on more than one service line")
-    expected = sum(
-        conn.execute(select(charge_lines.c.amount).where(charge_lines.c.id.in_(covered))).scalars(),
-        Decimal(0),
-    )
+    expected = sum((stored.amounts[i] for i in covered if i in stored.amounts), Decimal(0))
 
     settings = billing.file
     encounter_class = encounter.encounter_class or ""
@@ -479,7 +565,7 @@ def _draft(conn: Connection, claim: Row, billing: BillingSettings) -> tuple[Clai
         original_reference=claim.original_reference,
         start=encounter.start,
         end=encounter.end,
-        patient=_patient_facts(conn, claim.patient_id),
+        patient=_patient_facts(stored.patients.get(claim.patient_id), claim.patient_id),
         diagnoses=tuple(claim.diagnosis_codes.split(",")) if claim.diagnosis_codes else (),
         lines=lines,
         total=claim.total,
@@ -491,25 +577,7 @@ def _draft(conn: Connection, claim: Row, billing: BillingSettings) -> tuple[Clai
     return draft, expected
 
 
-def _stored_lines(conn: Connection, claim_id: int) -> tuple[ClaimLineDraft, ...]:
-    rows = conn.execute(
-        select(claim_lines).where(claim_lines.c.claim_id == claim_id).order_by(claim_lines.c.line_no)
-    ).all()
-    return tuple(
-        ClaimLineDraft(
-            line_no=row.line_no, procedure_code=row.procedure_code,
-            revenue_code=row.revenue_code, units=row.units, amount=row.amount,
-            service_date=row.service_date,
-            charge_line_ids=tuple(int(i) for i in row.charge_line_ids.split(",")),
-        )
-        for row in rows
-    )
-
-
-def _patient_facts(conn: Connection, patient_id: str) -> PatientFacts:
-    patient = conn.execute(
-        select(patients).where(patients.c.patient_id == patient_id)
-    ).one_or_none()
+def _patient_facts(patient: Row | None, patient_id: str) -> PatientFacts:
     if patient is None or not patient.family_name or patient.birth_date is None:
         raise X12DataError(f"patient {patient_id} lacks a family name or birth date")
     # NOTE: the patient is billed as the subscriber, with the MRN (else the
@@ -525,28 +593,46 @@ def _patient_facts(conn: Connection, patient_id: str) -> PatientFacts:
 
 
 def _mark_released(
-    conn: Connection, claim: Row, text: str, now: dt.datetime, run_id: int | None
-) -> bool:
-    """Release ``claim`` if it is still ready; return whether it was."""
-    reference = claim_reference(claim.id)
-    changed = conn.execute(
-        update(claims).where(claims.c.id == claim.id, claims.c.state == READY).values(
-            state=RELEASED, x12=text, claim_reference=reference,
-            interchange_control_number=claim.id, validated_at=now, released_at=now,
-            validation_errors=None, hold_reasons=None, run_id=run_id,
-        )
-    ).rowcount
-    if changed != 1:
-        return False
-    if claim.replaces_claim_id is not None:
-        conn.execute(update(claims).where(claims.c.id == claim.replaces_claim_id).values(
+    conn: Connection, candidates: Sequence[Row], texts: dict[int, str],
+    now: dt.datetime, run_id: int | None,
+) -> list[Row]:
+    """Release each claim in ``candidates`` that is still ready; return those released.
+
+    The state changes in one guarded statement, so a claim another worker
+    recorded or a late charge sent back is never released twice.
+    """
+    if not candidates:
+        return []
+    won = set(conn.execute(
+        update(claims)
+        .where(claims.c.id.in_([claim.id for claim in candidates]), claims.c.state == READY)
+        .values(state=RELEASED, validated_at=now, released_at=now, validation_errors=None,
+                hold_reasons=None, run_id=run_id)
+        .returning(claims.c.id)
+    ).scalars())
+    released = [claim for claim in candidates if claim.id in won]
+    if not released:
+        return []
+    conn.execute(
+        update(claims).where(claims.c.id == bindparam("b_id")).values(
+            x12=bindparam("b_x12"), claim_reference=bindparam("b_reference"),
+            interchange_control_number=bindparam("b_id")),
+        [{"b_id": claim.id, "b_x12": texts[claim.id],
+          "b_reference": claim_reference(claim.id)} for claim in released],
+    )
+    replaced = [claim.replaces_claim_id for claim in released
+                if claim.replaces_claim_id is not None]
+    if replaced:
+        conn.execute(update(claims).where(claims.c.id.in_(replaced)).values(
             state=REPLACED, replaced_at=now,
         ))
-    resolve_claim_items(conn, claim.encounter_id, now=now,
-                        resolution=f"claim {reference} released")
-    log.info("claim released", extra={"action": "claim_released", "claim_id": claim.id,
-                                      "frequency_code": claim.frequency_code})
-    return True
+    resolve_many_claim_items(conn, {
+        claim.encounter_id: f"claim {claim_reference(claim.id)} released" for claim in released
+    }, now=now)
+    for claim in released:
+        log.info("claim released", extra={"action": "claim_released", "claim_id": claim.id,
+                                          "frequency_code": claim.frequency_code})
+    return released
 
 
 def _mark_invalid(

@@ -207,6 +207,7 @@ services = Table(
     Column("outcome", String(20), nullable=False),
     Column("work_item_id", Integer, ForeignKey("work_items.id"), nullable=True),
     Index("ix_services_key", "service_key"),
+    Index("ix_services_encounter", "encounter_id"),
 )
 """One row per service received; ``outcome`` is charged, work_item or duplicate.
 
@@ -239,6 +240,7 @@ charge_lines = Table(
     Column("source_message_id", Integer, ForeignKey("messages.id"), nullable=False),
     Column("chargemaster_version", String(60), nullable=False),
     Column("journal_id", Integer, ForeignKey("journals.id"), nullable=True),
+    Index("ix_charge_lines_encounter", "encounter_id"),
 )
 """Priced charges. The unique ``service_key`` makes a second posting impossible."""
 
