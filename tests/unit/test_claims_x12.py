@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 from decimal import Decimal
 from importlib import resources
@@ -19,7 +20,8 @@ from carebridge.claims.build837 import (
 )
 from carebridge.claims.readiness import service_lines
 from carebridge.claims.validate import (
-    Pyx12Pool,
+    ValidationPool,
+    build_and_validate,
     check_claim_text,
     claim_amounts,
     component,
@@ -165,15 +167,17 @@ def test_pyx12_names_the_broken_claim(billing: BillingFile) -> None:
     assert any("DMG02" in message for message in errors[41])
 
 
-def test_pyx12_pool_finds_the_same_errors_as_one_process(billing: BillingFile) -> None:
-    texts = {number: build_837(draft(), billing, number, CREATED) for number in range(60, 66)}
-    texts[63] = texts[63].replace("DMG*D8*19800101*F", "DMG*D8*19801301*F")
-    texts[65] = texts[65].replace("DMG*D8*19800101*F", "DMG*D8*19800231*F")
-    alone = pyx12_errors(texts)
-    assert sorted(alone) == [63, 65]
-    with Pyx12Pool(2) as pool:
-        wait = pool.submit(texts)
-        assert wait() == alone
+def test_validation_pool_agrees_with_one_process(billing: BillingFile) -> None:
+    drafts = [(number, draft(), Decimal("164.30")) for number in range(60, 66)]
+    drafts[2] = (62, draft(total=Decimal("164.00")), Decimal("164.30"))
+    bad_name = dataclasses.replace(patient(), last_name="O*BRIEN")  # "*" separates elements
+    drafts[4] = (64, draft(patient=bad_name), Decimal("164.30"))
+    texts, problems = build_and_validate(drafts, billing, CREATED)
+    assert sorted(texts) == [60, 61, 63, 65]
+    assert sorted(problems) == [62, 64]
+    with ValidationPool(2) as pool:
+        wait = pool.submit(drafts, billing, CREATED)
+        assert wait() == (texts, problems)
 
 
 def test_tampered_line_amount_is_caught(billing: BillingFile) -> None:

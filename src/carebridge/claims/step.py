@@ -54,7 +54,6 @@ from carebridge.claims.build837 import (
     ClaimDraft,
     ClaimLineDraft,
     PatientFacts,
-    build_837,
 )
 from carebridge.claims.invoice import enqueue_claim
 from carebridge.claims.readiness import (
@@ -68,7 +67,7 @@ from carebridge.claims.readiness import (
     service_lines,
     waiting_encounters,
 )
-from carebridge.claims.validate import Pyx12Pool, check_claim_text
+from carebridge.claims.validate import ValidationPool
 from carebridge.claims.workitems import (
     ClaimCheck,
     resolve_many_claim_items,
@@ -388,9 +387,10 @@ def release_ready(
 
     With ``config``, each released claim is enqueued, in the transaction
     that releases it, to the destinations whose ``kinds`` list ``claim``.
-    A backlog of at least :data:`POOL_MINIMUM` claims is validated by
-    ``processes`` child processes (default :func:`validation_processes`),
-    and each batch is built while the one before it is validated.
+    A backlog of at least :data:`POOL_MINIMUM` claims is built and
+    validated by ``processes`` child processes (default
+    :func:`validation_processes`), and each batch is read from the database
+    while the one before it is built and validated.
     """
     result = result if result is not None else ClaimsResult()
     with engine.connect() as conn:
@@ -403,9 +403,9 @@ def release_ready(
         processes = validation_processes()
     if backlog < POOL_MINIMUM:
         processes = 1
-    seen: set[int] = set()
+    after = 0
     pending: _Batch | None = None
-    with Pyx12Pool(processes) as pool:
+    with ValidationPool(processes) as pool:
         while True:
             # Building and validating (pyx12) only reads, so it runs outside
             # the write transaction: on SQLite a write transaction holds the
@@ -413,18 +413,18 @@ def release_ready(
             # wait behind the validation.
             batch: _Batch | None = None
             with engine.connect() as conn:
-                query = select(claims).where(claims.c.state == READY)
-                if seen:
-                    query = query.where(claims.c.id.not_in(seen))
-                ready = conn.execute(query.order_by(claims.c.id).limit(batch_size)).all()
+                ready = conn.execute(
+                    select(claims).where(claims.c.state == READY, claims.c.id > after)
+                    .order_by(claims.c.id).limit(batch_size)
+                ).all()
                 if ready:
-                    seen.update(row.id for row in ready)
-                    texts, problems = _check_batch(conn, ready, billing, now)
-                    batch = _Batch(ready, texts, problems, pool.submit(texts))
+                    after = ready[-1].id
+                    drafts, problems = _drafts(conn, ready, billing)
+                    batch = _Batch(ready, problems, pool.submit(drafts, billing.file, now))
             if pending is not None:
-                pending.finish()
+                texts, problems = pending.finish()
                 with engine.begin() as conn:
-                    _record_batch(conn, pending.ready, pending.texts, pending.problems, now,
+                    _record_batch(conn, pending.ready, texts, problems, now,
                                   run_id, result, config)
             if batch is None:
                 return result
@@ -433,41 +433,35 @@ def release_ready(
 
 @dataclass(slots=True)
 class _Batch:
-    """Ready claims whose X12 text pyx12 is validating."""
+    """Ready claims that the validation pool is building and validating."""
 
     ready: Sequence[Row]
-    texts: dict[int, str]
     problems: dict[int, list[str]]
-    pyx12: Callable[[], dict[int, list[str]]]
+    built: Callable[[], tuple[dict[int, str], dict[int, list[str]]]]
 
-    def finish(self) -> None:
-        """Wait for pyx12 and move the claims it failed from ``texts`` to ``problems``."""
-        for claim_id, errors in self.pyx12().items():
-            self.problems[claim_id] = [f"pyx12: {error}" for error in errors]
-            self.texts.pop(claim_id)
+    def finish(self) -> tuple[dict[int, str], dict[int, list[str]]]:
+        """Wait for the pool; return the text of each claim that passed and the
+        problems of the rest."""
+        texts, problems = self.built()
+        return texts, {**self.problems, **problems}
 
 
-def _check_batch(
-    conn: Connection, ready: Sequence[Row], billing: BillingSettings, now: dt.datetime
-) -> tuple[dict[int, str], dict[int, list[str]]]:
-    """Return the X12 text of each claim that passed the checks pyx12 lacks, and
-    the problems of the rest."""
-    texts: dict[int, str] = {}
+def _drafts(
+    conn: Connection, ready: Sequence[Row], billing: BillingSettings
+) -> tuple[list[tuple[int, ClaimDraft, Decimal]], dict[int, list[str]]]:
+    """Return the draft of each claim and the sum of its charge lines, and the
+    problems of the claims that cannot be drafted."""
+    drafts: list[tuple[int, ClaimDraft, Decimal]] = []
     problems: dict[int, list[str]] = {}
     stored = _StoredFacts.load(conn, ready)
     for claim in ready:
         try:
             draft, expected_total = _draft(stored, claim, billing)
-            text = build_837(draft, billing.file, claim.id, now)
         except X12DataError as exc:
             problems[claim.id] = [str(exc)]
             continue
-        found = check_claim_text(text, expected_total)
-        if found:
-            problems[claim.id] = found
-        else:
-            texts[claim.id] = text
-    return texts, problems
+        drafts.append((claim.id, draft, expected_total))
+    return drafts, problems
 
 
 def _record_batch(

@@ -11,12 +11,13 @@ built from.
 
 from __future__ import annotations
 
+import datetime as dt
 import functools
 import io
 import json
 import logging
 import multiprocessing
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from decimal import Decimal, InvalidOperation
 from typing import Any, Self
@@ -25,7 +26,9 @@ import pyx12.map_if
 import pyx12.params
 import pyx12.x12n_document
 
-from carebridge.claims.x12 import COMPONENT, ELEMENT, SEGMENT
+from carebridge.claims.build837 import ClaimDraft, build_837
+from carebridge.claims.x12 import COMPONENT, ELEMENT, SEGMENT, X12DataError
+from carebridge.config.schema import BillingFile
 from carebridge.model.identifiers import npi_problem, zip_plus_4_valid
 
 # pyx12 logs the values of invalid elements (birth dates, names) at ERROR.
@@ -114,14 +117,47 @@ def pyx12_errors(interchanges: Mapping[int, str]) -> dict[int, list[str]]:
     return failed
 
 
-class Pyx12Pool:
-    """Validates batches of interchanges with pyx12 in child processes.
+Drafts = Sequence[tuple[int, ClaimDraft, Decimal]]
+"""Claims to build: each claim's id (its ISA13), draft and the sum of the
+charge lines it covers."""
+
+
+def build_and_validate(
+    drafts: Drafts, billing: BillingFile, created_at: dt.datetime
+) -> tuple[dict[int, str], dict[int, list[str]]]:
+    """Build each draft's 837 and check it: first :func:`check_claim_text`, then pyx12.
+
+    Returns:
+        The X12 text of each claim that passed, and the problems of the rest,
+        both keyed by claim id.
+    """
+    texts: dict[int, str] = {}
+    problems: dict[int, list[str]] = {}
+    for claim_id, draft, expected_total in drafts:
+        try:
+            text = build_837(draft, billing, claim_id, created_at)
+        except X12DataError as exc:
+            problems[claim_id] = [str(exc)]
+            continue
+        found = check_claim_text(text, expected_total)
+        if found:
+            problems[claim_id] = found
+        else:
+            texts[claim_id] = text
+    for claim_id, errors in pyx12_errors(texts).items():
+        problems[claim_id] = [f"pyx12: {error}" for error in errors]
+        texts.pop(claim_id)
+    return texts, problems
+
+
+class ValidationPool:
+    """Builds and validates batches of claims in child processes.
 
     pyx12 takes about 3 ms a claim, all of it pure Python, so one process
     validates at most a few hundred claims a second. A pool of child
     processes lets a large backlog use every core, and lets the caller
-    build the next batch while this one is validated. With ``processes``
-    below 2 every batch is validated in the calling process.
+    read the next batch while this one is built and validated. With
+    ``processes`` below 2 every batch is handled in the calling process.
 
     Children are started with ``spawn``: a server forks nothing while its
     other threads may hold locks.
@@ -133,24 +169,31 @@ class Pyx12Pool:
         if processes > 1:
             self._executor = ProcessPoolExecutor(
                 max_workers=processes, mp_context=multiprocessing.get_context("spawn"))
-            log.info("pyx12 pool started", extra={"action": "pyx12_pool_start",
-                                                  "processes": processes})
+            log.info("claim validation pool started",
+                     extra={"action": "validation_pool_start", "processes": processes})
 
-    def submit(self, interchanges: Mapping[int, str]) -> Callable[[], dict[int, list[str]]]:
-        """Start validating ``interchanges``; return a call that waits for the errors."""
-        if self._executor is None or len(interchanges) < 2:
-            done = pyx12_errors(interchanges)
+    def submit(
+        self, drafts: Drafts, billing: BillingFile, created_at: dt.datetime
+    ) -> Callable[[], tuple[dict[int, str], dict[int, list[str]]]]:
+        """Start :func:`build_and_validate` on ``drafts``; return a call that waits for it."""
+        if self._executor is None or len(drafts) < 2:
+            done = build_and_validate(drafts, billing, created_at)
             return lambda: done
-        items = sorted(interchanges.items())
-        size = -(-len(items) // self.processes)
-        futures = [self._executor.submit(pyx12_errors, dict(items[start:start + size]))
-                   for start in range(0, len(items), size)]
+        size = -(-len(drafts) // self.processes)
+        futures = [
+            self._executor.submit(build_and_validate, list(drafts[start:start + size]),
+                                  billing, created_at)
+            for start in range(0, len(drafts), size)
+        ]
 
-        def wait() -> dict[int, list[str]]:
-            errors: dict[int, list[str]] = {}
+        def wait() -> tuple[dict[int, str], dict[int, list[str]]]:
+            texts: dict[int, str] = {}
+            problems: dict[int, list[str]] = {}
             for future in futures:
-                errors.update(future.result())
-            return errors
+                built, found = future.result()
+                texts.update(built)
+                problems.update(found)
+            return texts, problems
 
         return wait
 
@@ -158,8 +201,8 @@ class Pyx12Pool:
         if self._executor is not None:
             self._executor.shutdown(wait=True, cancel_futures=True)
             self._executor = None
-            log.info("pyx12 pool stopped", extra={"action": "pyx12_pool_stop",
-                                                  "processes": self.processes})
+            log.info("claim validation pool stopped",
+                     extra={"action": "validation_pool_stop", "processes": self.processes})
 
     def __enter__(self) -> Self:
         return self

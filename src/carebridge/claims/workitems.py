@@ -45,7 +45,7 @@ def _event(conn: Connection, item_id: int, action: str, now: dt.datetime, detail
 
 @dataclass(frozen=True, slots=True)
 class ClaimCheck:
-    """What one readiness or validation check of an encounter's claim found."""
+    """The outcome of one readiness or validation check of an encounter's claim."""
 
     encounter_id: str
     message_id: int
@@ -73,8 +73,8 @@ def sync_many_claim_items(
     """Bring the work items of each checked claim in line with what its check found.
 
     The items of all the claims are read in a few queries and new items are
-    inserted together, because the first check of a large load holds
-    thousands of claims at once.
+    inserted together, because the first check of a large load finds
+    thousands of claims to hold at once.
     """
     existing: dict[str, dict[str, Row]] = defaultdict(dict)
     subjects = [claim_subject(check.encounter_id) for check in checks]
