@@ -61,6 +61,10 @@ def _begin_immediate(conn: Connection) -> None:
     conn.exec_driver_sql("BEGIN IMMEDIATE")
 
 
+POOL_RECYCLE_SECONDS = 1800
+"""Age at which a PostgreSQL connection is closed instead of reused."""
+
+
 def open_engine(url: str, *, create: bool = True) -> Engine:
     """Open the database at ``url`` and, when ``create``, migrate it to the newest schema.
 
@@ -73,7 +77,15 @@ def open_engine(url: str, *, create: bool = True) -> Engine:
     parsed = make_url(url)
     # hide_parameters keeps bound values (patient identifiers among them) out
     # of the text of every database error, and so out of logs and stderr.
-    engine = create_engine(url, hide_parameters=True)
+    options: dict[str, object] = {}
+    if parsed.get_backend_name() == "postgresql":
+        # The server plans a session's foreign-key checks and prepared
+        # statements once, with the table statistics of that moment. A worker
+        # that connected while the journals table was nearly empty kept
+        # checking each new journal line's foreign key with a sequential
+        # scan. Connections older than this are replaced when next taken.
+        options["pool_recycle"] = POOL_RECYCLE_SECONDS
+    engine = create_engine(url, hide_parameters=True, **options)
     if parsed.get_backend_name() == "sqlite":
         event.listen(engine, "connect", _configure_sqlite)
         event.listen(engine, "begin", _begin_immediate)

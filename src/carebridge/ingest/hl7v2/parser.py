@@ -187,11 +187,17 @@ class Hl7Segment:
 
 
 class Hl7Message:
-    """A parsed HL7 v2 message; build it with :func:`parse_message`."""
+    """A parsed HL7 v2 message; build it with :func:`parse_message`.
+
+    MSH is split when the message is built; the other segments are split by
+    python-hl7 when first asked for. Most of a message's parsing cost is in
+    segments that finance never reads (an ORU's observations), and a
+    message of a type that is not mapped is only ever asked for its header.
+    """
 
     def __init__(
         self,
-        parsed: hl7.Message,
+        texts: list[str],
         delimiters: Delimiters,
         charset: str,
         warnings: list[str],
@@ -199,14 +205,33 @@ class Hl7Message:
         self.delimiters = delimiters
         self.charset = charset
         self._warnings = warnings
-        self._segments: list[Hl7Segment] = []
-        self._by_id: dict[str, list[Hl7Segment]] = {}
-        for position, seg in enumerate(parsed):
+        self._texts = texts
+        self._header_segment = Hl7Segment(_python_hl7_parse(texts[:1])[0], self, 0, 1)
+        self._parsed: list[Hl7Segment] | None = None
+        self._parsed_by_id: dict[str, list[Hl7Segment]] = {}
+
+    @property
+    def _segments(self) -> list[Hl7Segment]:
+        if self._parsed is None:
+            self._parse_all()
+        return self._parsed  # type: ignore[return-value]
+
+    @property
+    def _by_id(self) -> dict[str, list[Hl7Segment]]:
+        if self._parsed is None:
+            self._parse_all()
+        return self._parsed_by_id
+
+    def _parse_all(self) -> None:
+        parsed: list[Hl7Segment] = []
+        by_id: dict[str, list[Hl7Segment]] = {}
+        for position, seg in enumerate(_python_hl7_parse(self._texts)):
             seg_id = str(seg[0])
-            same = self._by_id.setdefault(seg_id, [])
+            same = by_id.setdefault(seg_id, [])
             segment = Hl7Segment(seg, self, position, len(same) + 1)
             same.append(segment)
-            self._segments.append(segment)
+            parsed.append(segment)
+        self._parsed, self._parsed_by_id = parsed, by_id
 
     @property
     def warnings(self) -> tuple[str, ...]:
@@ -250,7 +275,7 @@ class Hl7Message:
         return found[segment_index].value(field, component, sub, repetition=repetition)
 
     def _header(self, field: int, component: int = 1) -> str | None:
-        value = self._segments[0].value(field, component)
+        value = self._header_segment.value(field, component)
         return value if isinstance(value, str) else None
 
     @property
@@ -329,11 +354,10 @@ def parse_message(payload: bytes, *, default_charset: str = "ascii") -> Hl7Messa
     segments = _split_segments(text, warnings)
     delimiters = _check_header(segments)
     _check_embedded_segments(segments, delimiters)
-    parsed = _python_hl7_parse(segments)
-    message = Hl7Message(parsed, delimiters, charset, warnings)
+    message = Hl7Message(segments, delimiters, charset, warnings)
     _check_required(message)
     _check_truncation(message, warnings)
-    _check_segment_ids(message, warnings)
+    _check_segment_ids(segments, delimiters, warnings)
     warnings.extend(_escape_warnings(segments, message.delimiters, charset))
     return message
 
@@ -523,10 +547,11 @@ def _version_tuple(version: str | None) -> tuple[int, ...] | None:
         return None
 
 
-def _check_segment_ids(message: Hl7Message, warnings: list[str]) -> None:
-    for segment in message.all_segments():
-        if not _SEGMENT_ID.match(segment.seg_id):
-            warnings.append(f"segment {segment.position + 1} has a malformed segment ID")
+def _check_segment_ids(segments: list[str], delimiters: Delimiters,
+                       warnings: list[str]) -> None:
+    for position, text in enumerate(segments):
+        if not _SEGMENT_ID.match(text.split(delimiters.field, 1)[0]):
+            warnings.append(f"segment {position + 1} has a malformed segment ID")
 
 
 def _escape_warnings(
