@@ -170,14 +170,23 @@ def load_facts(
         .order_by(charge_lines.c.id)
     ):
         facts[row.encounter_id].charges.append(row)
-    open_items = conn.execute(
-        select(services.c.encounter_id)
-        .join(work_items, work_items.c.id == services.c.work_item_id)
-        .where(services.c.encounter_id.in_(list(facts)),
-               work_items.c.status.in_(OPEN_STATUSES))
-    ).scalars()
-    for encounter_id in open_items:
-        facts[encounter_id].open_work_items += 1
+    # Two look-ups by index rather than a join: during a bulk load the
+    # planner's statistics lag behind and a join was planned as a scan of
+    # every work item.
+    items_of_services = conn.execute(
+        select(services.c.encounter_id, services.c.work_item_id)
+        .where(services.c.encounter_id.in_(list(facts)), services.c.work_item_id.is_not(None))
+    ).all()
+    item_ids = sorted({item_id for _, item_id in items_of_services})
+    open_ids: set[int] = set()
+    for start in range(0, len(item_ids), 500):
+        open_ids.update(conn.execute(
+            select(work_items.c.id).where(work_items.c.id.in_(item_ids[start:start + 500]),
+                                          work_items.c.status.in_(OPEN_STATUSES))
+        ).scalars())
+    for encounter_id, item_id in items_of_services:
+        if item_id in open_ids:
+            facts[encounter_id].open_work_items += 1
     _load_diagnoses(conn, facts)
     for item in facts.values():
         item.icd10cm, item.unmapped = _icd10cm_codes(item.diagnoses, billing)

@@ -78,6 +78,7 @@ from carebridge.claims.x12 import DELIMITERS, X12DataError
 from carebridge.config.model import BillingSettings, Configuration
 from carebridge.config.rules import RuleBook
 from carebridge.engine.batch_write import insert_returning_ids, insert_rows
+from carebridge.store.db import planned_each_time
 from carebridge.store.schema import (
     charge_lines,
     claim_lines,
@@ -131,7 +132,7 @@ def run_claims(
     with engine.connect() as conn:
         due = _due_encounters(conn, now - recheck_held_after)
     for start in range(0, len(due), batch_size):
-        with engine.begin() as conn:
+        with engine.begin() as conn, planned_each_time(conn):
             check_encounters(conn, due[start:start + batch_size], billing, now=now,
                              run_id=run_id, authorizations=authorizations, result=result,
                              rule_book=getattr(config, "rule_book", None))
@@ -147,18 +148,33 @@ def run_claims(
 
 
 def _current_claims(conn: Connection, encounter_ids: Sequence[str] | None = None) -> dict[str, Row]:
-    """Return the newest claim version of each encounter."""
-    newest = select(claims.c.encounter_id, func.max(claims.c.version).label("version"))
-    if encounter_ids is not None:
-        newest = newest.where(claims.c.encounter_id.in_(encounter_ids))
-    newest_sub = newest.group_by(claims.c.encounter_id).subquery()
-    rows = conn.execute(
-        select(claims).join(newest_sub, and_(
+    """Return the newest claim version of each encounter.
+
+    With ``encounter_ids`` the claims are read by the ``(encounter_id,
+    version)`` index and the newest is picked here: during a bulk load the
+    planner's statistics lag far behind the table, and a join with a
+    grouped subquery was planned as a scan of every claim.
+    """
+    current: dict[str, Row] = {}
+    if encounter_ids is None:
+        newest_sub = (
+            select(claims.c.encounter_id, func.max(claims.c.version).label("version"))
+            .group_by(claims.c.encounter_id).subquery()
+        )
+        rows = conn.execute(select(claims).join(newest_sub, and_(
             claims.c.encounter_id == newest_sub.c.encounter_id,
             claims.c.version == newest_sub.c.version,
-        ))
-    )
-    return {row.encounter_id: row for row in rows}
+        )))
+        return {row.encounter_id: row for row in rows}
+    wanted = sorted(set(encounter_ids))
+    for start in range(0, len(wanted), 500):
+        for row in conn.execute(
+            select(claims).where(claims.c.encounter_id.in_(wanted[start:start + 500]))
+        ):
+            known = current.get(row.encounter_id)
+            if known is None or row.version > known.version:
+                current[row.encounter_id] = row
+    return current
 
 
 def _due_encounters(conn: Connection, recheck_before: dt.datetime) -> list[str]:
@@ -412,7 +428,7 @@ def release_ready(
             # one write lock, and MLLP acknowledgements and API writes would
             # wait behind the validation.
             batch: _Batch | None = None
-            with engine.connect() as conn:
+            with engine.connect() as conn, planned_each_time(conn):
                 ready = conn.execute(
                     select(claims).where(claims.c.state == READY, claims.c.id > after)
                     .order_by(claims.c.id).limit(batch_size)
@@ -423,7 +439,7 @@ def release_ready(
                     batch = _Batch(ready, problems, pool.submit(drafts, billing.file, now))
             if pending is not None:
                 texts, problems = pending.finish()
-                with engine.begin() as conn:
+                with engine.begin() as conn, planned_each_time(conn):
                     _record_batch(conn, pending.ready, texts, problems, now,
                                   run_id, result, config)
             if batch is None:

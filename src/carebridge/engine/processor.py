@@ -126,22 +126,24 @@ def _apply_one(state: BatchState, message_id: int, batch: CanonicalBatch,
     return True
 
 
-def _claim_lanes(conn: Connection) -> list[int]:
-    """Lock a quarter of the lanes that have received messages (PostgreSQL).
+def _claim_lanes(conn: Connection, *, with_messages: bool) -> list[int]:
+    """Lock a quarter of the lanes, with ``with_messages`` only lanes that have
+    received messages (PostgreSQL).
 
     ``SKIP LOCKED`` passes over lanes another worker holds; the random start
     spreads workers over different lanes.
     """
     offset = random.randrange(LANE_COUNT)
-    pending = (
-        select(messages.c.id)
-        .where(messages.c.state == RECEIVED, messages.c.lane == lanes.c.lane)
-        .exists()
-    )
+    query = select(lanes.c.lane)
+    if with_messages:
+        query = query.where(
+            select(messages.c.id)
+            .where(messages.c.state == RECEIVED, messages.c.lane == lanes.c.lane)
+            .exists()
+        )
     return list(
         conn.execute(
-            select(lanes.c.lane)
-            .where(pending)
+            query
             .order_by((lanes.c.lane + offset) % LANE_COUNT)
             .limit(max(LANE_COUNT // 4, 1))
             .with_for_update(skip_locked=True)
@@ -181,7 +183,8 @@ def claim_batch(conn: Connection, batch_size: int) -> list[Row]:
     On PostgreSQL the worker first locks a share of the lanes with
     ``FOR UPDATE SKIP LOCKED`` and takes messages of those lanes only; the
     locks last until the batch commits, so no other worker touches a message
-    of the same patient meanwhile. SQLite has one writer at a time, so the
+    of the same patient meanwhile. A worker may hold lanes that turned out
+    empty until its batch commits; other workers pass over them. SQLite has one writer at a time, so the
     batch takes messages of every lane.
     """
     columns = (messages.c.id, messages.c.format, raw_column(), messages.c.occurrence)
@@ -193,15 +196,25 @@ def claim_batch(conn: Connection, batch_size: int) -> list[Row]:
             .order_by(messages.c.id)
             .limit(batch_size)
         ))
-    locked_lanes = _claim_lanes(conn)
-    if not locked_lanes:
-        return []
-    oldest = _oldest_in_lanes(locked_lanes, batch_size)
-    return list(conn.execute(
-        select(*columns)
-        .select_from(with_bodies(oldest.join(messages, messages.c.id == oldest.c.id)))
-        .order_by(messages.c.id)
-    ))
+    # Under load nearly every lane has messages, so the worker locks lanes
+    # without looking into them first. Asking every lane whether it has
+    # received messages walks each lane's index entries of messages already
+    # processed (until VACUUM removes them): about 20 ms a claim at 100,000
+    # messages. Only when the lanes taken are empty does the worker look for
+    # lanes with messages.
+    for with_messages in (False, True):
+        locked_lanes = _claim_lanes(conn, with_messages=with_messages)
+        if not locked_lanes:
+            return []
+        oldest = _oldest_in_lanes(locked_lanes, batch_size)
+        rows = list(conn.execute(
+            select(*columns)
+            .select_from(with_bodies(oldest.join(messages, messages.c.id == oldest.c.id)))
+            .order_by(messages.c.id)
+        ))
+        if rows:
+            return rows
+    return []
 
 
 def _process_rows(conn: Connection, rows: Sequence[Row], config: Configuration,

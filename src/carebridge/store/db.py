@@ -9,6 +9,8 @@ when a database is opened; the revisions live in
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -98,6 +100,29 @@ def open_engine(url: str, *, create: bool = True) -> Engine:
         extra={"action": "db_open", "backend": parsed.get_backend_name()},
     )
     return engine
+
+
+@contextmanager
+def planned_each_time(conn: Connection) -> Iterator[None]:
+    """Have PostgreSQL plan each statement run on ``conn`` afresh.
+
+    psycopg prepares a statement on the server after its fifth run, and the
+    server then keeps one generic plan for it. A step that runs the same
+    look-ups batch after batch while a bulk load fills the tables keeps the
+    plan chosen when they were small: the claims step's read of 200
+    encounters' claims became a scan of every claim. Other databases are
+    left as they are.
+    """
+    if conn.dialect.name != "postgresql":
+        yield
+        return
+    driver = conn.connection.driver_connection
+    before = driver.prepare_threshold
+    driver.prepare_threshold = None
+    try:
+        yield
+    finally:
+        driver.prepare_threshold = before
 
 
 def alembic_config(connection: Connection | None = None, url: str | None = None) -> Config:
