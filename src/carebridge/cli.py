@@ -18,11 +18,11 @@ from sqlalchemy.exc import NoSuchModuleError, OperationalError, SQLAlchemyError
 from carebridge.config import load_chargemaster, load_configuration
 from carebridge.config.chargemaster import FORMATS as CHARGEMASTER_FORMATS
 from carebridge.engine.deliveries import delivery_summary, replay
-from carebridge.engine.intake import IntakeResult, store_inputs
-from carebridge.engine.job import JobOptions, run_job
+from carebridge.engine.intake import store_inputs
+from carebridge.engine.job import JobOptions, inputs_of, run_job
 from carebridge.engine.retention import prune as prune_content
 from carebridge.engine.worker import Worker, WorkerOptions, WorkerStats
-from carebridge.ingest.files.sources import discover, split_path
+from carebridge.ingest.files.sources import discover
 from carebridge.ingest.hl7v2.mllp import ListenerThread
 from carebridge.errors import CarebridgeError
 from carebridge.logs import configure as configure_logging
@@ -337,9 +337,7 @@ def _store_only(paths: list[Path], db_url: str, source: str, as_json: bool) -> N
     try:
         engine = open_engine(db_url)
         found = discover(paths)
-        total = IntakeResult()
-        for path in found.files:
-            total.add(store_inputs(engine, split_path(path), source=source))
+        total = store_inputs(engine, inputs_of(found.files), source=source)
     except CarebridgeError as exc:
         _fail(str(exc), exc.exit_code, as_json)
     except OperationalError as exc:

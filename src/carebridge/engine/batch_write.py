@@ -16,9 +16,9 @@ from collections.abc import Sequence
 from typing import Any
 
 from sqlalchemy import Column, Connection, Table, bindparam, insert, text
-from sqlalchemy.exc import DBAPIError
 
 from carebridge.engine.staging import ENCOUNTER_FIELDS, PATIENT_FIELDS, BatchState
+from carebridge.store.copy import copy_rows
 from carebridge.store.schema import (
     charge_lines,
     encounters,
@@ -71,22 +71,7 @@ def _column_values(conn: Connection, table: Table, rows: list[dict[str, Any]]
 def _copy(conn: Connection, table: Table, rows: list[dict[str, Any]]) -> None:
     """Insert ``rows`` with PostgreSQL's ``COPY FROM STDIN`` in the open transaction."""
     columns, values = _column_values(conn, table, rows)
-    names = ", ".join(conn.dialect.identifier_preparer.quote(c.name) for c in columns)
-    statement = f"COPY {conn.dialect.identifier_preparer.format_table(table)} ({names}) FROM STDIN"
-    cursor = conn.connection.driver_connection.cursor()
-    try:
-        with cursor.copy(statement) as copy:
-            for record in values:
-                copy.write_row(record)
-    except conn.dialect.loaded_dbapi.Error as exc:
-        # Raise what SQLAlchemy raises for any other statement (IntegrityError,
-        # DataError, ...), so callers' handling of database errors applies.
-        raise DBAPIError.instance(
-            statement, None, exc, conn.dialect.loaded_dbapi.Error, hide_parameters=True,
-            dialect=conn.dialect,
-        ) from exc
-    finally:
-        cursor.close()
+    copy_rows(conn, table, [column.name for column in columns], values)
 
 
 def reserve_ids(conn: Connection, table: Table, count: int) -> list[int]:

@@ -17,11 +17,12 @@ from dataclasses import dataclass, field
 from itertools import islice
 from typing import Any
 
-from sqlalchemy import Column, Connection, Engine, Table, insert, select
+from sqlalchemy import ARRAY, Column, Connection, Engine, Table, any_, bindparam, insert, select
 
 from carebridge.engine.lanes import lane_of
 from carebridge.ingest.files.sources import RawInput
 from carebridge.store.bodies import ensure_partitions
+from carebridge.store.copy import copy_rows
 from carebridge.store.schema import message_bodies, message_keys, messages, work_items
 from carebridge.workflows.reasons import Reason, Rejection
 
@@ -153,6 +154,13 @@ def _summary_reason(summary: str | None) -> str | None:
 def _key_owners(conn: Connection, keys: list[str]) -> dict[str, _Earlier]:
     owners: dict[str, _Earlier] = {}
     for chunk in _chunks(keys):
+        if conn.dialect.name == "postgresql":
+            # One array parameter: an IN list of 500 keys is rewritten by the
+            # driver and parsed by the server again for every batch.
+            among = message_keys.c.dedup_key == any_(
+                bindparam(None, chunk, type_=ARRAY(message_keys.c.dedup_key.type)))
+        else:
+            among = message_keys.c.dedup_key.in_(chunk)
         rows = conn.execute(
             select(
                 message_keys.c.dedup_key,
@@ -162,7 +170,7 @@ def _key_owners(conn: Connection, keys: list[str]) -> dict[str, _Earlier]:
                 messages.c.summary,
             )
             .join(messages, messages.c.id == message_keys.c.message_id)
-            .where(message_keys.c.dedup_key.in_(chunk))
+            .where(among)
         )
         for row in rows:
             owners[row.dedup_key] = _Earlier(
@@ -248,14 +256,23 @@ _KEY_COLUMNS = ("dedup_key", "message_id", "content_sha256")
 
 @dataclass(frozen=True, slots=True)
 class _Statement:
-    """An INSERT compiled once per dialect, run through the driver's executemany."""
+    """An INSERT compiled once per dialect, run through the driver's executemany
+    (``COPY`` on PostgreSQL)."""
 
     sql: str
     names: tuple[str, ...] | None
 
+    table: Table
+
     def run(self, conn: Connection, rows: list[tuple[Any, ...]], columns: tuple[str, ...]) -> None:
-        """Insert ``rows``, each a tuple of values in the order of ``columns``."""
-        if self.names is None:
+        """Insert ``rows``, each a tuple of values in the order of ``columns``.
+
+        PostgreSQL gets them with ``COPY``, which costs the client and the
+        server about a third of what a pipelined executemany does.
+        """
+        if conn.dialect.name == "postgresql":
+            copy_rows(conn, self.table, columns, rows)
+        elif self.names is None:
             conn.exec_driver_sql(self.sql, [dict(zip(columns, row)) for row in rows])
         else:
             conn.exec_driver_sql(self.sql, rows)
@@ -279,7 +296,7 @@ def _statement(conn: Connection, table: Table, columns: tuple[str, ...]) -> _Sta
         names = tuple(compiled.positiontup) if compiled.positional else None
         if names is not None and names != columns:
             raise RuntimeError(f"unexpected parameter order for {table.name}: {names}")
-        statement = _Statement(str(compiled), names)
+        statement = _Statement(str(compiled), names, table)
         _STATEMENTS[cache_key] = statement
     return statement
 

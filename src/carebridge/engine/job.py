@@ -12,7 +12,7 @@ import csv
 import datetime as dt
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from decimal import Decimal
 from pathlib import Path
@@ -31,7 +31,7 @@ from carebridge.destinations.ledger import (
 from carebridge.engine.intake import IntakeResult, store_inputs
 from carebridge.engine.posting import post_journals
 from carebridge.engine.processor import process_pending
-from carebridge.ingest.files.sources import discover, split_path
+from carebridge.ingest.files.sources import RawInput, discover, split_path
 from carebridge.store.schema import (
     charge_lines,
     journals,
@@ -87,11 +87,21 @@ def ingest_files(
     for path, reason in found.skipped:
         log.info("file skipped", extra={"action": "file_skipped", "file": str(path),
                                         "reason": reason})
+    total.add(store_inputs(engine, inputs_of(files, progress), source=source, run_id=run_id))
+    return total
+
+
+def inputs_of(files: Sequence[Path], progress: ProgressCallback | None = None
+              ) -> Iterator[RawInput]:
+    """Yield the messages of ``files`` in order, reporting each file once it is read.
+
+    The messages of many small files (one HL7 v2 message each, say) share a
+    transaction, where a transaction per file cost more than the file.
+    """
     for number, path in enumerate(files, start=1):
-        total.add(store_inputs(engine, split_path(path), source=source, run_id=run_id))
+        yield from split_path(path)
         if progress:
             progress("ingest", number, len(files))
-    return total
 
 
 def run_job(
