@@ -14,7 +14,7 @@ def copy_rows(
 ) -> None:
     """Insert ``rows`` into ``table`` with ``COPY`` in the open transaction (PostgreSQL).
 
-    Each row holds the values of ``columns`` in order, as the driver takes
+    Each row has the values of ``columns`` in order, as the driver takes
     them (bind processing already applied). A failure raises what SQLAlchemy
     raises for any other statement (IntegrityError, DataError...), with the
     values hidden, so callers' handling of database errors applies.
