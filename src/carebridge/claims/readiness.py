@@ -32,6 +32,7 @@ from carebridge.ingest.registry import FHIR_VALIDATED_FORMAT, map_raw
 from carebridge.model.codes import CDM, CPT, HCPCS, ICD10CM, ICD10CM_CODE
 from carebridge.model.records import Diagnosis
 from carebridge.store.bodies import raw_column, with_bodies
+from carebridge.store.lookups import chunks
 from carebridge.store.schema import (
     charge_lines,
     encounters,
@@ -177,11 +178,10 @@ def load_facts(
         select(services.c.encounter_id, services.c.work_item_id)
         .where(services.c.encounter_id.in_(list(facts)), services.c.work_item_id.is_not(None))
     ).all()
-    item_ids = sorted({item_id for _, item_id in items_of_services})
     open_ids: set[int] = set()
-    for start in range(0, len(item_ids), 500):
+    for chunk in chunks(item_id for _, item_id in items_of_services):
         open_ids.update(conn.execute(
-            select(work_items.c.id).where(work_items.c.id.in_(item_ids[start:start + 500]),
+            select(work_items.c.id).where(work_items.c.id.in_(chunk),
                                           work_items.c.status.in_(OPEN_STATUSES))
         ).scalars())
     for encounter_id, item_id in items_of_services:

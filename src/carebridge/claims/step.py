@@ -79,6 +79,7 @@ from carebridge.config.model import BillingSettings, Configuration
 from carebridge.config.rules import RuleBook
 from carebridge.engine.batch_write import insert_returning_ids, insert_rows
 from carebridge.store.db import planned_each_time
+from carebridge.store.lookups import chunks
 from carebridge.store.schema import (
     charge_lines,
     claim_lines,
@@ -151,9 +152,9 @@ def _current_claims(conn: Connection, encounter_ids: Sequence[str] | None = None
     """Return the newest claim version of each encounter.
 
     With ``encounter_ids`` the claims are read by the ``(encounter_id,
-    version)`` index and the newest is picked here: during a bulk load the
-    planner's statistics lag far behind the table, and a join with a
-    grouped subquery was planned as a scan of every claim.
+    version)`` index and the newest is picked here. During a bulk load the
+    planner's statistics lag far behind the table, so a join with a grouped
+    subquery was planned as a scan of every claim.
     """
     current: dict[str, Row] = {}
     if encounter_ids is None:
@@ -166,11 +167,8 @@ def _current_claims(conn: Connection, encounter_ids: Sequence[str] | None = None
             claims.c.version == newest_sub.c.version,
         )))
         return {row.encounter_id: row for row in rows}
-    wanted = sorted(set(encounter_ids))
-    for start in range(0, len(wanted), 500):
-        for row in conn.execute(
-            select(claims).where(claims.c.encounter_id.in_(wanted[start:start + 500]))
-        ):
+    for chunk in chunks(encounter_ids):
+        for row in conn.execute(select(claims).where(claims.c.encounter_id.in_(chunk))):
             known = current.get(row.encounter_id)
             if known is None or row.version > known.version:
                 current[row.encounter_id] = row
@@ -356,9 +354,8 @@ def _write_claims(
                                    in _claim_values(entry, billing, now, run_id).items()}}
              for claim_id, entry in updated],
         )
-        ids = [claim_id for claim_id, _ in updated]
-        for start in range(0, len(ids), 500):
-            conn.execute(delete(claim_lines).where(claim_lines.c.claim_id.in_(ids[start:start + 500])))
+        for chunk in chunks(claim_id for claim_id, _ in updated):
+            conn.execute(delete(claim_lines).where(claim_lines.c.claim_id.in_(chunk)))
     new_ids = insert_returning_ids(
         conn, claims, [_claim_values(entry, billing, now, run_id) for entry in inserted])
     lines = [
@@ -525,10 +522,6 @@ class _StoredFacts:
     @classmethod
     def load(cls, conn: Connection, ready: Sequence[Row]) -> _StoredFacts:
         """Read what building the claims in ``ready`` needs, a few queries per table."""
-        def chunks(values: Sequence) -> list[list]:
-            ordered = sorted(set(values))
-            return [ordered[start:start + 500] for start in range(0, len(ordered), 500)]
-
         facts = cls({}, defaultdict(tuple), {}, {})
         for chunk in chunks([claim.encounter_id for claim in ready]):
             for row in conn.execute(select(encounters).where(encounters.c.encounter_id.in_(chunk))):

@@ -18,6 +18,7 @@ from typing import Any
 from sqlalchemy import Connection, Row, insert, select, update
 
 from carebridge.engine.batch_write import insert_rows
+from carebridge.store.lookups import chunks
 from carebridge.store.schema import work_item_events, work_items
 from carebridge.workflows.reasons import Rejection
 
@@ -78,16 +79,15 @@ def sync_many_claim_items(
     """
     existing: dict[str, dict[str, Row]] = defaultdict(dict)
     subjects = [claim_subject(check.encounter_id) for check in checks]
-    for start in range(0, len(subjects), 500):
-        for row in conn.execute(select(work_items).where(
-                work_items.c.subject_key.in_(subjects[start:start + 500]))):
+    for chunk in chunks(subjects):
+        for row in conn.execute(select(work_items).where(work_items.c.subject_key.in_(chunk))):
             existing[row.subject_key][row.reason] = row
     new_items: list[dict[str, Any]] = []
     stale: list[Row] = []
     for subject, check in zip(subjects, checks, strict=True):
         known = existing.get(subject, {})
-        wanted = {problem.reason.value: problem for problem in check.problems}
-        for reason, problem in wanted.items():
+        expected = {problem.reason.value: problem for problem in check.problems}
+        for reason, problem in expected.items():
             row = known.get(reason)
             if row is None:
                 new_items.append({
@@ -109,7 +109,7 @@ def sync_many_claim_items(
                 ))
                 _event(conn, row.id, "reopened", now, {"reason": reason})
         stale.extend(row for reason, row in known.items()
-                     if reason not in wanted and reason in _CLAIM_REASONS)
+                     if reason not in expected and reason in _CLAIM_REASONS)
     insert_rows(conn, work_items, new_items)
     _resolve(conn, stale, now, "no longer applies when the claim was checked again")
 
@@ -126,10 +126,9 @@ def resolve_many_claim_items(
 ) -> None:
     """Resolve the open work items of each encounter's claim, with its resolution."""
     by_subject = {claim_subject(encounter_id): text for encounter_id, text in resolutions.items()}
-    subjects = sorted(by_subject)
-    for start in range(0, len(subjects), 500):
+    for chunk in chunks(by_subject):
         rows = conn.execute(select(work_items).where(
-            work_items.c.subject_key.in_(subjects[start:start + 500]),
+            work_items.c.subject_key.in_(chunk),
             work_items.c.reason.in_(sorted(_CLAIM_REASONS)),
             work_items.c.status.in_(OPEN_STATUSES),
         )).all()

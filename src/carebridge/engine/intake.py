@@ -17,12 +17,13 @@ from dataclasses import dataclass, field
 from itertools import islice
 from typing import Any
 
-from sqlalchemy import ARRAY, Column, Connection, Engine, Table, any_, bindparam, insert, select
+from sqlalchemy import Column, Connection, Engine, Table, insert, select
 
 from carebridge.engine.lanes import lane_of
 from carebridge.ingest.files.sources import RawInput
 from carebridge.store.bodies import ensure_partitions
 from carebridge.store.copy import copy_rows
+from carebridge.store.lookups import among
 from carebridge.store.schema import message_bodies, message_keys, messages, work_items
 from carebridge.workflows.reasons import Reason, Rejection
 
@@ -154,13 +155,6 @@ def _summary_reason(summary: str | None) -> str | None:
 def _key_owners(conn: Connection, keys: list[str]) -> dict[str, _Earlier]:
     owners: dict[str, _Earlier] = {}
     for chunk in _chunks(keys):
-        if conn.dialect.name == "postgresql":
-            # One array parameter: an IN list of 500 keys is rewritten by the
-            # driver and parsed by the server again for every batch.
-            among = message_keys.c.dedup_key == any_(
-                bindparam(None, chunk, type_=ARRAY(message_keys.c.dedup_key.type)))
-        else:
-            among = message_keys.c.dedup_key.in_(chunk)
         rows = conn.execute(
             select(
                 message_keys.c.dedup_key,
@@ -170,7 +164,7 @@ def _key_owners(conn: Connection, keys: list[str]) -> dict[str, _Earlier]:
                 messages.c.summary,
             )
             .join(messages, messages.c.id == message_keys.c.message_id)
-            .where(among)
+            .where(among(conn, message_keys.c.dedup_key, chunk))
         )
         for row in rows:
             owners[row.dedup_key] = _Earlier(
@@ -268,7 +262,7 @@ class _Statement:
         """Insert ``rows``, each a tuple of values in the order of ``columns``.
 
         PostgreSQL gets them with ``COPY``, which costs the client and the
-        server about a third of what a pipelined executemany does.
+        server less than a pipelined executemany of the same rows.
         """
         if conn.dialect.name == "postgresql":
             copy_rows(conn, self.table, columns, rows)

@@ -16,13 +16,14 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import ARRAY, ColumnElement, Connection, any_, bindparam, select
+from sqlalchemy import ColumnElement, Connection, select
 
 from carebridge.config.model import Configuration
 from carebridge.engine.intake import PROCESSED
 from carebridge.engine.waits import service_to_json
 from carebridge.errors import InputError
 from carebridge.model import NULL, CanonicalBatch, Encounter, Patient, Service, SupplyUse
+from carebridge.store.lookups import among
 from carebridge.store.schema import encounters, patients, services, supply_usages
 from carebridge.workflows.charge_capture import ChargeCapture
 from carebridge.workflows.reasons import Reason, Rejection
@@ -187,14 +188,7 @@ class BatchState:
         )
 
     def _among(self, column: ColumnElement[str], values: list[str]) -> ColumnElement[bool]:
-        """Return ``column IN values``, written as ``= ANY(array)`` on PostgreSQL.
-
-        An IN list of 500 keys is a statement of 500 parameters, which the
-        driver rewrites and the server parses again for every batch.
-        """
-        if self.conn.dialect.name == "postgresql":
-            return column == any_(bindparam(None, values, type_=ARRAY(column.type)))
-        return column.in_(values)
+        return among(self.conn, column, values)
 
     def _prefetch_prints(self, table, key_column, keys: set[str], into: dict[str, str]) -> None:
         for chunk in _chunks(keys):

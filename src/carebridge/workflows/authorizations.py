@@ -62,7 +62,7 @@ HL7_TYPES = (b"REF^I12", b"SIU^S12")
 FHIR_TYPES = (b'"ServiceRequest"', b'"Claim"', b'"ClaimResponse"')
 
 # Only HL7 v2 and FHIR JSON messages carry referrals, bookings and
-# authorizations; CSV rows, the bulk of a load, are never read by this step.
+# authorizations. CSV rows, the bulk of a load, are never read by this step.
 _READABLE = messages.c.format.like("hl7v2%") | messages.c.format.like("fhir-json%")
 
 AuthorizationState = Literal["approved", "exhausted", "pending", "missing", "expired"]
