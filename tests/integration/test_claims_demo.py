@@ -11,6 +11,7 @@ import dataclasses
 import datetime as dt
 import io
 import json
+import logging
 from collections import defaultdict
 from decimal import Decimal
 from pathlib import Path
@@ -19,12 +20,14 @@ import pyx12.params
 import pyx12.x12n_document
 from sqlalchemy import Engine, select, update
 
+from carebridge.claims import step as claims_step
 from carebridge.claims.step import check_encounters, release_ready, run_claims
 from carebridge.config.model import Configuration
 from carebridge.engine.intake import store_inputs
 from carebridge.engine.job import JobOptions, run_job
 from carebridge.engine.worker import Worker, WorkerOptions
 from carebridge.ingest.files.sources import split_path
+from carebridge.store.db import open_engine, sqlite_url
 from carebridge.store.schema import charge_lines, claim_lines, claims, encounters, work_items
 
 from .conftest import DEMO
@@ -229,6 +232,32 @@ def test_tampered_line_is_never_released(
     [claim] = _claims_of(engine, ENCOUNTER)
     assert claim.state == "released"
 
+
+
+def test_pool_releases_same_claims(
+    engine: Engine, config: Configuration, tmp_path: Path, monkeypatch, caplog
+) -> None:
+    # The demo has fewer ready claims than the pool's minimum, so the first
+    # run validates in this process; the second is made to use two children.
+    alone = open_engine(sqlite_url(tmp_path / "alone.db"))
+    run_job(alone, config, JobOptions(paths=[DEMO / "data"], out_dir=None))
+    monkeypatch.setattr(claims_step, "POOL_MINIMUM", 1)
+    monkeypatch.setattr(claims_step, "validation_processes", lambda: 2)
+    caplog.set_level(logging.INFO, logger="carebridge.claims.validate")
+    run_job(engine, config, JobOptions(paths=[DEMO / "data"], out_dir=None))
+    started = [r for r in caplog.records if getattr(r, "action", "") == "validation_pool_start"]
+    assert len(started) == 1
+
+    def outcomes(database: Engine) -> dict[str, tuple[str, str | None]]:
+        with database.connect() as conn:
+            rows = conn.execute(select(claims.c.encounter_id, claims.c.state,
+                                       claims.c.hold_reasons)).all()
+        return {row.encounter_id: (row.state, row.hold_reasons) for row in rows}
+
+    pooled = outcomes(engine)
+    assert pooled == outcomes(alone)
+    assert sum(state == "released" for state, _ in pooled.values()) >= 50
+    alone.dispose()
 
 
 def test_worker_releases_claims(
