@@ -12,8 +12,9 @@ from sqlalchemy import Engine, func, select
 from carebridge.config.model import Configuration
 from carebridge.engine.intake import store_inputs
 from carebridge.engine.job import JobOptions, run_job
+from carebridge.engine.lanes import ensure_lanes
 from carebridge.engine.posting import post_journals
-from carebridge.engine.processor import process_pending
+from carebridge.engine.processor import claim_batch, process_pending
 from carebridge.engine.waits import resume_waits
 from carebridge.ingest.files.sources import split_path
 from carebridge.store.schema import (
@@ -355,6 +356,39 @@ def test_visit_number_reused_for_other_patient(
         items = conn.execute(select(work_items.c.reason, work_items.c.team)).all()
     assert tuple(encounter) == ("MRNA1", "PREOP")
     assert [tuple(item) for item in items] == [("encounter_patient_conflict", "integration")]
+
+
+def test_claims_follow_arrival_order(
+    engine: Engine, tmp_path: Path
+) -> None:
+    # Twelve patients fall in many lanes. One worker claiming one message at
+    # a time must take them in the order they were stored.
+    for number in range(12):
+        message = hl7(
+            "MSH|^~\\&|ADTSYS|HOSPA|FINAPP|RCVFAC|20240501110000||ADT^A01|"
+            f"CTL31{number:02d}|P|2.5",
+            f"PID|1||MRN31{number:02d}^^^HOSPA^MR||TESTPATIENT^ORDER",
+            f"PV1|1|I|ICU||||||||||||||||V31{number:02d}",
+        )
+        store_inputs(engine, split_path(write(tmp_path, f"o{number}.hl7", message)),
+                     source="test")
+    with engine.connect() as conn:
+        stored = conn.execute(select(messages.c.id).order_by(messages.c.id)).scalars().all()
+        lanes_used = set(conn.execute(select(messages.c.lane)).scalars())
+    assert len(lanes_used) > 4
+    with engine.begin() as conn:
+        ensure_lanes(conn)
+    claimed: list[int] = []
+    while True:
+        with engine.begin() as conn:
+            rows = claim_batch(conn, 1)
+            if not rows:
+                break
+            claimed.append(rows[0].id)
+            conn.execute(
+                messages.update().where(messages.c.id == rows[0].id).values(state="processed")
+            )
+    assert claimed == stored
 
 
 def test_concurrent_posting_numbers_batches_apart(

@@ -19,7 +19,6 @@ from __future__ import annotations
 import datetime as dt
 import json
 import logging
-import random
 from collections.abc import Callable, Sequence
 
 from sqlalchemy import Connection, Engine, Row, Subquery, bindparam, select, union_all
@@ -126,14 +125,23 @@ def _apply_one(state: BatchState, message_id: int, batch: CanonicalBatch,
     return True
 
 
-def _claim_lanes(conn: Connection, *, with_messages: bool) -> list[int]:
-    """Lock a quarter of the lanes, with ``with_messages`` only lanes that have
-    received messages (PostgreSQL).
+def _oldest_lane(conn: Connection) -> int | None:
+    """Return the lane of the oldest received message, or None if there is none."""
+    return conn.execute(
+        select(messages.c.lane)
+        .where(messages.c.state == RECEIVED)
+        .order_by(messages.c.id)
+        .limit(1)
+    ).scalar()
 
-    ``SKIP LOCKED`` passes over lanes another worker holds; the random start
-    spreads workers over different lanes.
+
+def _claim_lanes(conn: Connection, start: int, *, with_messages: bool) -> list[int]:
+    """Lock a quarter of the lanes from lane ``start`` on, with ``with_messages``
+    only lanes that have received messages (PostgreSQL).
+
+    ``SKIP LOCKED`` passes over lanes another worker holds, so a second
+    worker that starts from the same lane takes the next quarter.
     """
-    offset = random.randrange(LANE_COUNT)
     query = select(lanes.c.lane)
     if with_messages:
         query = query.where(
@@ -144,7 +152,7 @@ def _claim_lanes(conn: Connection, *, with_messages: bool) -> list[int]:
     return list(
         conn.execute(
             query
-            .order_by((lanes.c.lane + offset) % LANE_COUNT)
+            .order_by((lanes.c.lane - start + LANE_COUNT) % LANE_COUNT)
             .limit(max(LANE_COUNT // 4, 1))
             .with_for_update(skip_locked=True)
         ).scalars()
@@ -181,11 +189,17 @@ def claim_batch(conn: Connection, batch_size: int) -> list[Row]:
     """Claim up to ``batch_size`` received messages, oldest first.
 
     On PostgreSQL the worker first locks a share of the lanes with
-    ``FOR UPDATE SKIP LOCKED`` and takes messages of those lanes only; the
-    locks last until the batch commits, so no other worker touches a message
-    of the same patient meanwhile. A worker may hold lanes that turned out
-    empty until its batch commits; other workers pass over them. SQLite has one writer at a time, so the
-    batch takes messages of every lane.
+    ``FOR UPDATE SKIP LOCKED``, starting at the lane of the oldest received
+    message, and takes messages of those lanes only. The locks last until the
+    batch commits, so no other worker touches a message of the same patient
+    meanwhile.
+
+    Because the oldest message's lane comes first, one worker takes the
+    oldest waiting message in every batch. Two messages that give one visit
+    number to two patients are then decided in arrival order on every run.
+    A worker may hold lanes that turned out empty until its batch commits,
+    and other workers pass over them. SQLite has one writer at a time, so
+    the batch takes messages of every lane.
     """
     columns = (messages.c.id, messages.c.format, raw_column(), messages.c.occurrence)
     if conn.dialect.name != "postgresql":
@@ -197,13 +211,17 @@ def claim_batch(conn: Connection, batch_size: int) -> list[Row]:
             .limit(batch_size)
         ))
     # Under load nearly every lane has messages, so the worker locks lanes
-    # without looking into them first. Asking every lane whether it has
+    # without looking into each first. Asking every lane whether it has
     # received messages walks each lane's index entries of messages already
     # processed (until VACUUM removes them): about 20 ms a claim at 100,000
-    # messages. Only when the lanes taken are empty does the worker look for
-    # lanes with messages.
+    # messages. Finding the one oldest message reads one index range.
+    # Only when the lanes taken are empty does the worker look for lanes
+    # with messages.
+    start = _oldest_lane(conn)
+    if start is None:
+        return []
     for with_messages in (False, True):
-        locked_lanes = _claim_lanes(conn, with_messages=with_messages)
+        locked_lanes = _claim_lanes(conn, start, with_messages=with_messages)
         if not locked_lanes:
             return []
         oldest = _oldest_in_lanes(locked_lanes, batch_size)
