@@ -150,6 +150,24 @@ def test_boolean_as_string_rejected() -> None:
     assert caught.value.location == "Patient.active"
 
 
+@pytest.mark.parametrize(("raw", "location"), [
+    (b'{"resourceType": "Patient", "multipleBirthInteger": "2"}',
+     "Patient.multipleBirthInteger"),
+    (b'{"resourceType": "Patient", "deceasedBoolean": "false"}', "Patient.deceasedBoolean"),
+    ((b'{"resourceType": "Observation", "status": "final", "code": {"text": "x"},'
+      b' "valueQuantity": {"value": "7.2"}}'), "Observation.valueQuantity.value"),
+    ((b'{"resourceType": "Bundle", "type": "collection", "entry": [{"resource":'
+      b' {"resourceType": "Patient", "active": "true"}}]}'),
+     "Bundle.entry[0].resource.active"),
+    (b'{"resourceType": "Bundle", "type": "collection", "total": "1"}', "Bundle.total"),
+])
+def test_number_as_string_rejected(raw: bytes, location: str) -> None:
+    with pytest.raises(ParseError) as caught:
+        load_fhir_json(raw)
+    assert caught.value.location == location
+    assert "expected a JSON" in str(caught.value)
+
+
 def test_unknown_element_rejected() -> None:
     with pytest.raises(ParseError) as caught:
         load_fhir_json(b'{"resourceType": "Patient", "colour": "blue"}')

@@ -19,9 +19,12 @@ or ``Bundle.entry[3].resource.item[0].unitPrice.value`` inside a bundle.
 
 from __future__ import annotations
 
+import datetime as dt
+import functools
 import json
 import logging
-from collections.abc import Sequence
+import typing
+from collections.abc import Iterator, Sequence
 from decimal import Decimal
 from typing import Any
 
@@ -253,20 +256,53 @@ def element_path(base: str, loc: Sequence[str | int]) -> str:
     return path
 
 
+_TEXT_TYPES = frozenset({str, dt.date, dt.datetime, dt.time, type(None)})
+"""Python types of the FHIR primitives that JSON writes as strings."""
+
+
+def _leaf_types(annotation: Any) -> Iterator[Any]:
+    """Yield the types inside ``annotation``, looking through Optional, List and Annotated."""
+    if typing.get_origin(annotation) is typing.Annotated:
+        yield from _leaf_types(typing.get_args(annotation)[0])
+        return
+    arguments = typing.get_args(annotation)
+    if not arguments:
+        yield annotation
+        return
+    for argument in arguments:
+        yield from _leaf_types(argument)
+
+
+@functools.cache
+def _elements_to_check(model_class: type[FHIRAbstractModel]) -> dict[str, str]:
+    """Map the JSON name to the field name of each element that may contain a number.
+
+    Only elements typed as strings, dates and times are left out. Complex
+    elements stay in, because a number may sit anywhere inside them.
+    """
+    return {
+        field.alias or name: name
+        for name, field in model_class.model_fields.items()
+        if not all(leaf in _TEXT_TYPES for leaf in _leaf_types(field.annotation))
+    }
+
+
 def _check_json_primitives(
     model: FHIRAbstractModel, raw: dict[str, Any], path: str, resource_type: str
 ) -> None:
     """Reject strings sent where the model contains a decimal, integer or boolean.
 
     The validated model tells which elements are numeric or boolean, so the
-    raw JSON value is compared with the model value element by element.
+    raw JSON value is compared with the model value element by element. Only
+    the elements present in ``raw`` are read, and elements that can only
+    contain text are skipped.
     """
-    for name, field in type(model).model_fields.items():
-        alias = field.alias or name
-        if alias not in raw:
+    elements = _elements_to_check(type(model))
+    for alias, raw_value in raw.items():
+        name = elements.get(alias)
+        if name is None:
             continue
         value = getattr(model, name)
-        raw_value = raw[alias]
         element = f"{path}.{alias}"
         if isinstance(value, list) and isinstance(raw_value, list):
             for index, (item, raw_item) in enumerate(
