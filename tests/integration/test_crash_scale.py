@@ -42,6 +42,8 @@ MESSAGES = 20_000
 KILLS = 10
 STALLED_SECONDS = 5.0
 """How long a stage may show no progress before a kill lands anyway."""
+ORPHAN_SECONDS = 15.0
+"""How long the children of a killed process may outlive it."""
 SEED = 20240611
 CENT = Decimal("0.01")
 
@@ -76,12 +78,46 @@ def run_to_end(args: list[str]) -> float:
     return time.perf_counter() - started
 
 
+def descendants(pid: int) -> set[int]:
+    """Return the ids of every process below ``pid`` (Linux ``/proc``)."""
+    found: set[int] = set()
+    for children in Path(f"/proc/{pid}/task").glob("*/children"):
+        try:
+            listed = children.read_text().split()
+        except OSError:
+            continue
+        for child in map(int, listed):
+            found |= {child} | descendants(child)
+    return found
+
+
+def process_alive(pid: int) -> bool:
+    """Return whether ``pid`` is a process that has not exited (zombies have)."""
+    try:
+        status = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return status.rpartition(")")[2].split()[0] != "Z"
+
+
 def kill(process: subprocess.Popen[bytes]) -> bool:
-    """SIGKILL ``process`` if it still runs; return whether it did."""
+    """SIGKILL ``process`` if it still runs; return whether it did.
+
+    The processes it started (claim validation processes) must exit by
+    themselves soon after, as they would after a crash in production.
+    """
     alive = process.poll() is None
+    children = descendants(process.pid) if alive else set()
     if alive:
         os.kill(process.pid, signal.SIGKILL)
     process.wait(timeout=60)
+    deadline = time.monotonic() + ORPHAN_SECONDS
+    while any(map(process_alive, children)) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    orphans = sorted(pid for pid in children if process_alive(pid))
+    for orphan in orphans:
+        os.kill(orphan, signal.SIGKILL)
+    assert orphans == [], f"processes {orphans} outlived their killed parent"
     return alive
 
 

@@ -17,6 +17,9 @@ import io
 import json
 import logging
 import multiprocessing
+import os
+import threading
+import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from decimal import Decimal, InvalidOperation
@@ -151,6 +154,29 @@ def build_and_validate(
     return texts, problems
 
 
+PARENT_CHECK_SECONDS = 1.0
+"""How often a pool process checks that the process that started it is alive."""
+
+
+def _exit_with_parent(parent: int) -> None:
+    """Start a thread that ends this pool process once ``parent`` has died.
+
+    A pool process waits on a queue whose write end it also has open, so it
+    would wait forever after a SIGKILL of its parent. An orphan is adopted
+    by another process, which changes its parent id. The parent's id is
+    passed in, because the parent may die while this process still starts.
+    """
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(PARENT_CHECK_SECONDS)
+        log.warning("claim validation process stopping: its parent is gone",
+                    extra={"action": "validation_pool_orphaned", "parent_pid": parent})
+        os._exit(1)
+
+    threading.Thread(target=watch, name="validation-parent-watch", daemon=True).start()
+
+
 class ValidationPool:
     """A pool of child processes that build and validate batches of claims.
 
@@ -161,7 +187,8 @@ class ValidationPool:
     ``processes`` below 2 every batch is handled in the calling process.
 
     Children are started with ``spawn``: a server forks nothing while its
-    other threads may hold locks.
+    other threads may hold locks. Each child exits by itself when its parent
+    is gone, so a worker killed with SIGKILL leaves no processes behind.
     """
 
     def __init__(self, processes: int) -> None:
@@ -169,7 +196,8 @@ class ValidationPool:
         self._executor: ProcessPoolExecutor | None = None
         if processes > 1:
             self._executor = ProcessPoolExecutor(
-                max_workers=processes, mp_context=multiprocessing.get_context("spawn"))
+                max_workers=processes, mp_context=multiprocessing.get_context("spawn"),
+                initializer=_exit_with_parent, initargs=(os.getpid(),))
             log.info("claim validation pool started",
                      extra={"action": "validation_pool_start", "processes": processes})
 
