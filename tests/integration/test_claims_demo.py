@@ -277,3 +277,46 @@ def test_worker_releases_claims(
             select(claims.c.id).where(claims.c.state == "released")
         ).all()
     assert stats.claims_released == len(released)
+
+
+def test_concurrent_claim_runs_write_once(
+    engine: Engine, config: Configuration, tmp_path: Path, monkeypatch
+) -> None:
+    # A worker and an ingest may run the claims step at once on one database.
+    import threading
+
+    from carebridge.engine import job
+
+    alone = open_engine(sqlite_url(tmp_path / "alone.db"))
+    run_job(alone, config, JobOptions(paths=[DEMO / "data"], out_dir=None))
+    monkeypatch.setattr(job, "run_claims", lambda *args, **kwargs: None)
+    run_job(engine, config, JobOptions(paths=[DEMO / "data"], out_dir=None))
+    start = threading.Barrier(3)
+    errors: list[BaseException] = []
+
+    def run_step() -> None:
+        start.wait()
+        try:
+            run_claims(engine, config, batch_size=20)
+        except BaseException as exc:  # noqa: BLE001 - collected for the assert
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run_step) for _ in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == []
+
+    def outcomes(database: Engine) -> dict[str, list[tuple[int, str]]]:
+        found: dict[str, list[tuple[int, str]]] = defaultdict(list)
+        with database.connect() as conn:
+            for row in conn.execute(select(claims.c.encounter_id, claims.c.version,
+                                           claims.c.state).order_by(claims.c.version)):
+                found[row.encounter_id].append((row.version, row.state))
+        return dict(found)
+
+    concurrent = outcomes(engine)
+    assert len(concurrent) >= 50
+    assert concurrent == outcomes(alone)
+    alone.dispose()

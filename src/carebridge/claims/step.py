@@ -43,6 +43,7 @@ from sqlalchemy import (
     delete,
     func,
     select,
+    text,
     update,
 )
 
@@ -96,6 +97,8 @@ READY = "ready"
 RELEASED = "released"
 REPLACED = "replaced"
 
+CHECK_LOCK = 0x636C6D73  # "clms": PostgreSQL advisory lock of claim checks
+
 
 @dataclass(slots=True)
 class ClaimsResult:
@@ -134,6 +137,7 @@ def run_claims(
         due = _due_encounters(conn, now - recheck_held_after)
     for start in range(0, len(due), batch_size):
         with engine.begin() as conn, planned_each_time(conn):
+            _lock_checks(conn)
             check_encounters(conn, due[start:start + batch_size], billing, now=now,
                              run_id=run_id, authorizations=authorizations, result=result,
                              rule_book=getattr(config, "rule_book", None))
@@ -146,6 +150,18 @@ def run_claims(
             "invalid": result.invalid,
         })
     return result
+
+
+def _lock_checks(conn: Connection) -> None:
+    """Wait until no other process checks claims, for the rest of the transaction.
+
+    A worker and an ``ingest`` may run the claims step at once on one
+    PostgreSQL database. Each reads the encounter's claim and then writes
+    the next version, so two at once would both write the same version.
+    SQLite lets one transaction write at a time already.
+    """
+    if conn.dialect.name == "postgresql":
+        conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": CHECK_LOCK})
 
 
 def _current_claims(conn: Connection, encounter_ids: Sequence[str] | None = None) -> dict[str, Row]:
