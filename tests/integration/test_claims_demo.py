@@ -320,3 +320,28 @@ def test_concurrent_claim_runs_write_once(
     assert len(concurrent) >= 50
     assert concurrent == outcomes(alone)
     alone.dispose()
+
+
+def test_stored_diagnoses_match_mapped(engine: Engine, config: Configuration) -> None:
+    # Messages processed before diagnoses were stored are mapped again; both
+    # ways must give each encounter the same diagnoses in the same order.
+    from sqlalchemy import delete
+
+    from carebridge.claims.readiness import load_facts
+    from carebridge.store.schema import diagnoses, messages
+
+    run_job(engine, config, JobOptions(paths=[DEMO / "data"], out_dir=None))
+    with engine.connect() as conn:
+        closed = conn.execute(
+            select(encounters.c.encounter_id).where(encounters.c.end.is_not(None))
+        ).scalars().all()
+        stored = load_facts(conn, closed, config.billing)
+    with engine.begin() as conn:
+        conn.execute(delete(diagnoses))
+        conn.execute(update(messages).values(diagnoses_stored=0))
+    with engine.connect() as conn:
+        mapped = load_facts(conn, closed, config.billing)
+    stored_lists = {key: item.diagnoses for key, item in stored.items()}
+    mapped_lists = {key: item.diagnoses for key, item in mapped.items()}
+    assert sum(map(len, stored_lists.values())) >= 100
+    assert stored_lists == mapped_lists

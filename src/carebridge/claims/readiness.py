@@ -35,6 +35,7 @@ from carebridge.store.bodies import raw_column, with_bodies
 from carebridge.store.lookups import chunks
 from carebridge.store.schema import (
     charge_lines,
+    diagnoses,
     encounters,
     messages,
     patients,
@@ -194,11 +195,13 @@ def load_facts(
 
 
 def _load_diagnoses(conn: Connection, facts: dict[str, EncounterFacts]) -> None:
-    """Map again the messages behind each encounter and keep their diagnoses.
+    """Read the diagnoses of each encounter from its own messages and those of its services.
 
-    Diagnoses are not stored by the message processor, so they are read
-    from the encounter's own messages and those of its services, each
-    message mapped once. A message whose content was pruned gives none.
+    Diagnoses come in message order (the encounter's first message, its
+    latest update, then its services' messages by id), and within a message
+    in the order it lists them. A message processed before diagnoses were
+    stored (``diagnoses_stored`` = 0) is mapped again, and gives none if its
+    content was pruned.
     """
     order: dict[int, int] = {}
     for item in facts.values():
@@ -211,19 +214,29 @@ def _load_diagnoses(conn: Connection, facts: dict[str, EncounterFacts]) -> None:
     ).scalars()
     for message_id in service_messages:
         order.setdefault(message_id, len(order))
-    ids = sorted(order, key=order.__getitem__)
-    for start in range(0, len(ids), 200):
-        chunk = ids[start:start + 200]
-        rows = conn.execute(
+    found: list[tuple[int, int, Diagnosis]] = []
+    for chunk in chunks(list(facts)):
+        for row in conn.execute(select(diagnoses).where(diagnoses.c.encounter_id.in_(chunk))):
+            if row.message_id in order:
+                found.append((order[row.message_id], row.position, Diagnosis(
+                    encounter_id=row.encounter_id, code_system=row.code_system,
+                    code=row.code, source_message_id=row.message_id,
+                    description=row.description,
+                )))
+    for chunk in chunks(list(order)):
+        unstored = conn.execute(
             select(messages.c.id, messages.c.format, messages.c.occurrence, raw_column())
             .select_from(with_bodies())
-            .where(messages.c.id.in_(chunk), messages.c.state == "processed")
+            .where(messages.c.id.in_(chunk), messages.c.state == "processed",
+                   messages.c.diagnoses_stored == 0)
         ).all()
-        for row in sorted(rows, key=lambda r: order[r.id]):
-            for diagnosis in _diagnoses_of(row):
-                item = facts.get(diagnosis.encounter_id)
-                if item is not None:
-                    item.diagnoses.append(diagnosis)
+        for row in unstored:
+            for position, diagnosis in enumerate(_diagnoses_of(row)):
+                if diagnosis.encounter_id in facts:
+                    found.append((order[row.id], position, diagnosis))
+    found.sort(key=lambda entry: (entry[0], entry[1]))
+    for _, _, diagnosis in found:
+        facts[diagnosis.encounter_id].diagnoses.append(diagnosis)
 
 
 def _diagnoses_of(row: Row) -> list[Diagnosis]:

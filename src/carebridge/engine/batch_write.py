@@ -21,6 +21,7 @@ from carebridge.engine.staging import ENCOUNTER_FIELDS, PATIENT_FIELDS, BatchSta
 from carebridge.store.copy import copy_rows
 from carebridge.store.schema import (
     charge_lines,
+    diagnoses,
     encounters,
     messages,
     patients,
@@ -156,30 +157,36 @@ def _insert_children(conn: Connection, table, parents: list[dict[str, Any]],
 
 
 def _update_messages(conn: Connection, rows: list[dict[str, Any]], run_id: int | None) -> None:
-    """Set each message's state, error and summary, and mark it processed now."""
+    """Set each message's state, error, summary and ``diagnoses_stored``, and
+    mark it processed now."""
     now = dt.datetime.now(dt.UTC)
     if conn.dialect.name == "postgresql":
         # One statement for the batch instead of one execution per message.
         conn.execute(
             text(
                 "UPDATE messages SET state = batch.state, error = batch.error, "
-                "summary = batch.summary, processed_at = :now, processed_run_id = :run_id "
+                "summary = batch.summary, diagnoses_stored = batch.diagnoses_stored, "
+                "processed_at = :now, processed_run_id = :run_id "
                 "FROM unnest(CAST(:ids AS integer[]), CAST(:states AS varchar[]), "
-                "CAST(:errors AS text[]), CAST(:summaries AS text[])) "
-                "AS batch(id, state, error, summary) WHERE messages.id = batch.id"
+                "CAST(:errors AS text[]), CAST(:summaries AS text[]), "
+                "CAST(:stored AS integer[])) "
+                "AS batch(id, state, error, summary, diagnoses_stored) "
+                "WHERE messages.id = batch.id"
             ),
             {"now": now, "run_id": run_id,
              "ids": [row["b_id"] for row in rows],
              "states": [row["state"] for row in rows],
              "errors": [row["error"] for row in rows],
-             "summaries": [row["summary"] for row in rows]},
+             "summaries": [row["summary"] for row in rows],
+             "stored": [row["diagnoses_stored"] for row in rows]},
         )
         return
     conn.execute(
         messages.update()
         .where(messages.c.id == bindparam("b_id"))
         .values(state=bindparam("state"), error=bindparam("error"),
-                summary=bindparam("summary"), processed_at=now, processed_run_id=run_id),
+                summary=bindparam("summary"), diagnoses_stored=bindparam("diagnoses_stored"),
+                processed_at=now, processed_run_id=run_id),
         rows,
     )
 
@@ -201,6 +208,7 @@ def flush(state: BatchState, run_id: int | None) -> None:
     _insert_children(conn, waits, writes.services, service_ids, "_wait", "service_id")
     usage_ids = insert_returning_ids(conn, supply_usages, _stored_columns(writes.usages))
     _insert_children(conn, supply_issues, writes.usages, usage_ids, "_issue", "usage_id")
+    insert_rows(conn, diagnoses, writes.diagnoses)
 
     if writes.messages:
         _update_messages(conn, writes.messages, run_id)

@@ -66,7 +66,7 @@ def _failed_message(message_id: int, exc: Exception) -> Writes:
     )
     writes.messages.append(
         {"b_id": message_id, "state": FAILED, "error": rejection.detail,
-         "summary": json.dumps({"reason": rejection.reason.value})}
+         "summary": json.dumps({"reason": rejection.reason.value}), "diagnoses_stored": 0}
     )
     return writes
 

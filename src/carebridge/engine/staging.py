@@ -127,6 +127,7 @@ class Writes:
     encounters: dict[str, dict[str, Any]] = field(default_factory=dict)
     services: list[dict[str, Any]] = field(default_factory=list)
     usages: list[dict[str, Any]] = field(default_factory=list)
+    diagnoses: list[dict[str, Any]] = field(default_factory=list)
     messages: list[dict[str, Any]] = field(default_factory=list)
     work_items: list[dict[str, Any]] = field(default_factory=list)
 
@@ -138,6 +139,7 @@ class Writes:
             self.encounters.setdefault(key, {}).update(values)
         self.services.extend(other.services)
         self.usages.extend(other.usages)
+        self.diagnoses.extend(other.diagnoses)
         self.messages.extend(other.messages)
         self.work_items.extend(other.work_items)
 
@@ -398,12 +400,18 @@ class MessageApplier:
             self.capture_service(result.charge_service, origin="supply")
 
     def finish(self, batch: CanonicalBatch) -> None:
-        """Stage the message's own new state."""
+        """Stage the message's diagnoses and its own new state."""
+        self.writes.diagnoses.extend(
+            {"message_id": self.message_id, "position": position,
+             "encounter_id": diagnosis.encounter_id, "code_system": diagnosis.code_system,
+             "code": diagnosis.code, "description": diagnosis.description}
+            for position, diagnosis in enumerate(batch.diagnoses)
+        )
         summary = {"outcomes": self.outcomes, "warnings": batch.warnings,
                    "ignored": batch.ignored}
         self.writes.messages.append(
             {"b_id": self.message_id, "state": PROCESSED, "error": None,
-             "summary": json.dumps(summary, sort_keys=True)}
+             "summary": json.dumps(summary, sort_keys=True), "diagnoses_stored": 1}
         )
 
     def commit_to_batch(self) -> None:

@@ -83,6 +83,7 @@ messages = Table(
     Column("content_pruned_at", DateTime(timezone=True), nullable=True),
     Column("content_archive", String(300), nullable=True),
     Column("replay_of", Integer, nullable=True),
+    Column("diagnoses_stored", Integer, nullable=False, server_default="0"),
     Index("ix_messages_state_id", "state", "id"),
     Index("ix_messages_state_lane_id", "state", "lane", "id"),
     Index("ix_messages_dedup_key", "dedup_key"),
@@ -188,6 +189,26 @@ encounters = Table(
     Column("source_message_id", Integer, ForeignKey("messages.id"), nullable=False),
     Column("updated_message_id", Integer, ForeignKey("messages.id"), nullable=False),
 )
+
+diagnoses = Table(
+    "diagnoses",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("message_id", Integer, nullable=False),
+    Column("position", Integer, nullable=False),
+    Column("encounter_id", String(100), nullable=False),
+    Column("code_system", Text, nullable=False),
+    Column("code", Text, nullable=False),
+    Column("description", Text, nullable=True),
+    Index("ix_diagnoses_encounter", "encounter_id"),
+)
+"""Each diagnosis a processed message documents, in the order the message
+lists them (``position``).
+
+The claims step reads them for billing readiness. Messages processed before
+this table existed have ``messages.diagnoses_stored`` = 0, and their
+diagnoses are read by mapping the stored message again.
+"""
 
 services = Table(
     "services",
