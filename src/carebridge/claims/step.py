@@ -437,9 +437,9 @@ def release_ready(
     pending: _Batch | None = None
     with ValidationPool(processes) as pool:
         while True:
-            # Reading, building and validating (pyx12) run outside the write
-            # transaction. On SQLite a write transaction takes the one write
-            # lock, and MLLP acknowledgements and API writes would wait.
+            # Building and validating (pyx12) run after the read transaction
+            # ends. Every SQLite transaction takes the one write lock, and MLLP
+            # acknowledgements and API writes would wait for it.
             batch: _Batch | None = None
             with engine.connect() as conn, planned_each_time(conn):
                 ready = conn.execute(
@@ -449,7 +449,8 @@ def release_ready(
                 if ready:
                     after = ready[-1].id
                     drafts, problems = _drafts(conn, ready, billing)
-                    batch = _Batch(ready, problems, pool.submit(drafts, billing.file, now))
+            if ready:
+                batch = _Batch(ready, problems, pool.submit(drafts, billing.file, now))
             if pending is not None:
                 texts, problems = pending.finish()
                 with engine.begin() as conn, planned_each_time(conn):

@@ -39,6 +39,7 @@ from carebridge.errors import InputError
 from carebridge.ingest.registry import map_raw
 from carebridge.model import CanonicalBatch
 from carebridge.store.bodies import raw_column, with_bodies
+from carebridge.store.lookups import chunks
 from carebridge.store.schema import lanes, messages
 from carebridge.workflows.charge_capture import ChargeCapture
 from carebridge.workflows.reasons import Reason, Rejection
@@ -236,10 +237,17 @@ def claim_batch(conn: Connection, batch_size: int) -> list[Row]:
 
 
 def _process_rows(conn: Connection, rows: Sequence[Row], config: Configuration,
-                  capture: ChargeCapture, run_id: int | None) -> tuple[int, int]:
-    """Decide and write one batch inside the open transaction of ``conn``."""
+                  capture: ChargeCapture, run_id: int | None,
+                  premapped: dict[int, CanonicalBatch | Writes] | None = None
+                  ) -> tuple[int, int]:
+    """Decide and write one batch inside the open transaction of ``conn``.
+
+    ``premapped`` contains the messages already mapped, by message id.
+    """
     state = BatchState(conn, config, capture)
-    mapped = [(row.id, _map_one(row)) for row in rows]
+    premapped = premapped or {}
+    mapped = [(row.id, premapped[row.id] if row.id in premapped else _map_one(row))
+              for row in rows]
     state.prefetch([result for _, result in mapped if isinstance(result, CanonicalBatch)])
     processed = failed = 0
     for message_id, result in mapped:
@@ -276,10 +284,40 @@ def _process_alone(engine: Engine, row: Row, config: Configuration,
     return 0, 1
 
 
+def _process_mapped_first(engine: Engine, config: Configuration, capture: ChargeCapture,
+                          batch_size: int, run_id: int | None) -> tuple[int, int]:
+    """Read and map a batch, then take SQLite's write lock to decide and write it.
+
+    Every SQLite transaction holds the one write lock, and mapping a batch
+    of large FHIR Bundles took a second or more, while API requests and
+    MLLP acknowledgements waited. Messages that another process processed
+    meanwhile are left out. The rest are still the oldest received
+    messages, so each patient's messages stay in order.
+    """
+    with engine.begin() as conn:
+        rows = claim_batch(conn, batch_size)
+    if not rows:
+        return 0, 0
+    premapped = {row.id: _map_one(row) for row in rows}
+    with engine.begin() as conn:
+        waiting: set[int] = set()
+        for chunk in chunks(premapped):
+            waiting.update(conn.execute(
+                select(messages.c.id)
+                .where(messages.c.id.in_(chunk), messages.c.state == RECEIVED)
+            ).scalars())
+        rows = [row for row in rows if row.id in waiting]
+        if not rows:
+            return 0, 0
+        return _process_rows(conn, rows, config, capture, run_id, premapped)
+
+
 def process_batch(engine: Engine, config: Configuration, capture: ChargeCapture, *,
                   batch_size: int, run_id: int | None = None) -> tuple[int, int]:
     """Claim and process one batch; return (processed, failed), (0, 0) if idle."""
     try:
+        if engine.dialect.name == "sqlite":
+            return _process_mapped_first(engine, config, capture, batch_size, run_id)
         with engine.begin() as conn:
             rows = claim_batch(conn, batch_size)
             if not rows:
