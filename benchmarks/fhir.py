@@ -27,6 +27,11 @@ for its child processes (the API processes, or the validation processes of
 an API on a thread). ``machine_busy_share`` is the share of all CPUs busy
 meanwhile, other programs included, and ``load_average`` the 1-minute load
 average when the timed posting starts and when it ends.
+``api_cpu_ms_per_resource_by_process`` splits the API figure by process:
+a connection stays with the process that accepted it, so with few clients
+one API process may serve every connection while the other idles.
+``server_log_actions`` counts the server's INFO log lines by ``action``, over
+the whole run, warm-up included.
 """
 
 from __future__ import annotations
@@ -44,6 +49,7 @@ import tempfile
 import threading
 import time
 import uuid
+from collections import Counter
 from decimal import Decimal
 from pathlib import Path
 
@@ -140,11 +146,12 @@ def _free_port() -> int:
         return probe.getsockname()[1]
 
 
-def _wait_ready(base: str, server: subprocess.Popen[bytes], timeout: float = 60) -> None:
+def _wait_ready(base: str, server: subprocess.Popen[bytes], log_path: Path,
+                timeout: float = 60) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if server.poll() is not None:
-            error = server.stderr.read().decode(errors="replace") if server.stderr else ""
+            error = log_path.read_text(errors="replace")
             raise RuntimeError(f"carebridge serve exited with status {server.returncode}: "
                                f"{error[-2000:]}")
         try:
@@ -211,18 +218,22 @@ def run(clones: int, clients: int, api_workers: int) -> dict[str, object]:
         key = create_api_key(engine, "bench")
         engine.dispose()
         port = _free_port()
+        # The server's log goes to a file: a pipe nobody reads would fill up
+        # and stop the server at its next log line.
+        log_path = Path(folder) / "server.log"
+        log_file = log_path.open("wb")
         env = {**os.environ, "CAREBRIDGE_API_SIGNING_KEY": uuid.uuid4().hex * 2}
         # Without --api-workers the script also runs a carebridge that predates it.
         processes = ["--api-workers", str(api_workers)] if api_workers else []
         server = subprocess.Popen(
             [sys.executable, "-m", "carebridge.cli", "serve", "--db", db_url,
-             "--host", "127.0.0.1", "--port", str(port), "--no-deliver",
+             "--host", "127.0.0.1", "--port", str(port), "--no-deliver", "-vv",
              "--inbox", str(Path(folder) / "inbox"), *processes],
-            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env,
+            stdout=subprocess.DEVNULL, stderr=log_file, env=env,
         )
         base = f"http://127.0.0.1:{port}"
         try:
-            _wait_ready(base, server)
+            _wait_ready(base, server, log_path)
             # One untimed clone: authenticates the key (then cached) and lets the
             # server and its validation processes import the FHIR models.
             _post_all(base, key, warm_up, clients)
@@ -245,11 +256,15 @@ def run(clones: int, clients: int, api_workers: int) -> dict[str, object]:
                 server.wait(60)
             except subprocess.TimeoutExpired:
                 server.kill()
+            log_file.close()
+        actions = Counter(re.findall(r"action=(\w+)", log_path.read_text(errors="replace")))
     validate_seconds = validate_only(bundles)
     per_tick_ms = 1000 / os.sysconf("SC_CLK_TCK") / resources
     service_ticks = ticks_after[server.pid] - ticks_before.get(server.pid, 0)
-    child_ticks = sum(ticks - ticks_before.get(pid, 0)
-                      for pid, ticks in ticks_after.items() if pid != server.pid)
+    by_child = sorted((ticks - ticks_before.get(pid, 0)
+                       for pid, ticks in ticks_after.items() if pid != server.pid),
+                      reverse=True)
+    child_ticks = sum(by_child)
     busy, total = (after - before for after, before in zip(machine_after, machine_before,
                                                            strict=True))
     return {
@@ -264,8 +279,11 @@ def run(clones: int, clients: int, api_workers: int) -> dict[str, object]:
         "validate_only_resources_per_s": round(resources / validate_seconds),
         "service_cpu_ms_per_resource": round(service_ticks * per_tick_ms, 3),
         "api_cpu_ms_per_resource": round(child_ticks * per_tick_ms, 3),
+        "api_cpu_ms_per_resource_by_process": [
+            round(ticks * per_tick_ms, 3) for ticks in by_child if ticks],
         "machine_busy_share": round(busy / max(total, 1), 2),
         "load_average": [round(load_before, 2), round(load_after, 2)],
+        "server_log_actions": dict(sorted(actions.items())),
         "database": "sqlite",
         "cpus": os.cpu_count(),
         "python": platform.python_version(),
