@@ -218,7 +218,7 @@ def run(clones: int, clients: int, api_workers: int) -> dict[str, object]:
         key = create_api_key(engine, "bench")
         engine.dispose()
         port = _free_port()
-        # The server's log goes to a file: a pipe nobody reads would fill up
+        # The server's log goes to a file: a pipe that is never read would fill up
         # and stop the server at its next log line.
         log_path = Path(folder) / "server.log"
         log_file = log_path.open("wb")

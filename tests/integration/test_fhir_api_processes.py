@@ -159,3 +159,19 @@ def test_web_session_key_shared_without_hs256(engine: Engine, config: Configurat
     for app in apps:
         share_web_session_key(app, shared)
     assert {session_key(Request({"type": "http", "app": app})) for app in apps} == {shared}
+
+
+def test_old_keep_alive_connection_closed(engine: Engine, db_url: str, tmp_path: Path) -> None:
+    # The demo configuration closes a keep-alive connection after a second,
+    # so that clients connect again and spread over the API processes.
+    closing: list[str] = []
+    with serve(db_url, tmp_path) as (base, _process), httpx.Client(timeout=30) as http:
+        deadline = time.monotonic() + 3
+        while time.monotonic() < deadline:
+            response = http.get(f"{base}/health")
+            assert response.status_code == 200
+            if response.headers.get("connection") == "close":
+                closing.append(response.headers["connection"])
+            time.sleep(0.05)
+        assert http.get(f"{base}/health").status_code == 200
+    assert 1 <= len(closing) <= 3

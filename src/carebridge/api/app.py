@@ -9,6 +9,7 @@ workers. Every route but ``/health``, ``/ready``, ``/oauth/token`` and
 from __future__ import annotations
 
 import logging
+import time
 from typing import Annotated, Any, Literal
 
 from fastapi import Depends, FastAPI, Form, Request
@@ -115,6 +116,51 @@ class BodyLimit:
             status_code=413, media_type=FHIR_JSON if fhir else "application/json",
         )
         await response(scope, _no_receive, send)
+
+
+class ConnectionMaxAge:
+    """Close each keep-alive connection after its first response past ``max_age`` seconds.
+
+    A connection stays with the API process that accepted it, and an
+    asyncio server accepts every waiting connection at once. Two clients
+    that connect together often land on one process of ``--api-workers``
+    while the others idle. A client whose connection closes connects
+    again, and the process with the least to do tends to accept it first.
+    ``max_age`` 0 never closes a connection.
+    """
+
+    PRUNE_AT = 4096
+    """Connections tracked before those older than ``max_age`` are forgotten."""
+
+    def __init__(self, app: ASGIApp, max_age: float) -> None:
+        self.app = app
+        self.max_age = max_age
+        self._opened: dict[tuple[str, int], float] = {}
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        client = scope.get("client")
+        if scope["type"] != "http" or not self.max_age or not client:
+            await self.app(scope, receive, send)
+            return
+        key = (client[0], client[1])
+        now = time.monotonic()
+        if len(self._opened) >= self.PRUNE_AT:
+            # A connection that closed by itself leaves its entry behind.
+            self._opened = {peer: opened for peer, opened in self._opened.items()
+                            if now - opened < self.max_age}
+        if now - self._opened.setdefault(key, now) < self.max_age:
+            await self.app(scope, receive, send)
+            return
+        del self._opened[key]
+
+        async def closing(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                headers = [(name, value) for name, value in message.get("headers", [])
+                           if name.lower() != b"connection"]
+                message = {**message, "headers": [*headers, (b"connection", b"close")]}
+            await send(message)
+
+        await self.app(scope, receive, closing)
 
 
 class _TooLarge(Exception):
@@ -272,5 +318,6 @@ def create_app(engine: Engine, config: Configuration) -> FastAPI:
                            "If-None-Exist", "If-None-Match"],
         )
     app.add_middleware(BodyLimit, limit=settings.max_request_bytes)
+    app.add_middleware(ConnectionMaxAge, max_age=settings.connection_max_age_seconds)
     logger.info("API built: %d routes", len(app.routes))
     return app

@@ -217,6 +217,7 @@ class ApiSettings:
     token_ttl_seconds: int = 900
     max_request_bytes: int = 20 * 1024 * 1024
     rate_limit_per_minute: int = 1200
+    connection_max_age_seconds: float = 1.0
     cors_origins: tuple[str, ...] = ()
     fhir_unknown_elements: str = "reject"
     fhir_unknown_elements_by_client: dict[str, str] = field(default_factory=dict)

@@ -225,6 +225,7 @@ class ApiSection(_Strict):
     token_ttl_seconds: int = Field(default=900, ge=60, le=86400)
     max_request_bytes: int = Field(default=20 * 1024 * 1024, ge=1024, le=1024**3)
     rate_limit_per_minute: int = Field(default=1200, ge=1)
+    connection_max_age_seconds: float = Field(default=1.0, ge=0, le=3600)
     cors_origins: list[str] = Field(default_factory=list)
     fhir_unknown_elements: Literal["reject", "ignore"] = "reject"
     fhir_unknown_elements_by_client: dict[str, Literal["reject", "ignore"]] = Field(

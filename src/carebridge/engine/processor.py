@@ -288,11 +288,11 @@ def _process_mapped_first(engine: Engine, config: Configuration, capture: Charge
                           batch_size: int, run_id: int | None) -> tuple[int, int]:
     """Read and map a batch, then take SQLite's write lock to decide and write it.
 
-    Every SQLite transaction holds the one write lock, and mapping a batch
-    of large FHIR Bundles took a second or more, while API requests and
-    MLLP acknowledgements waited. Messages that another process processed
-    meanwhile are left out. The rest are still the oldest received
-    messages, so each patient's messages stay in order.
+    Every SQLite transaction holds the one write lock. Mapping a batch of
+    large FHIR Bundles inside it kept API requests and MLLP acknowledgements
+    waiting. Messages that another process processed meanwhile are left
+    out. The rest are still the oldest received messages, so each
+    patient's messages stay in order.
     """
     with engine.begin() as conn:
         rows = claim_batch(conn, batch_size)
