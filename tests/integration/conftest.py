@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import threading
+from collections.abc import Callable, Iterator
 from importlib import resources
 from pathlib import Path
 
@@ -36,3 +37,23 @@ def engine(db_url: str) -> Iterator[Engine]:
 def hl7(*segments: str) -> bytes:
     """Join segments with CR, as HL7 v2 requires, and end with a CR."""
     return ("\r".join(segments) + "\r").encode("ascii")
+
+
+def run_at_once(work: Callable[[], object], threads: int) -> list[BaseException]:
+    """Run ``work`` on ``threads`` threads that start together; return what they raised."""
+    start = threading.Barrier(threads)
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        start.wait()
+        try:
+            work()
+        except BaseException as exc:  # noqa: BLE001 - returned for the caller's assert
+            errors.append(exc)
+
+    running = [threading.Thread(target=run) for _ in range(threads)]
+    for thread in running:
+        thread.start()
+    for thread in running:
+        thread.join()
+    return errors

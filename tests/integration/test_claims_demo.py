@@ -28,9 +28,15 @@ from carebridge.engine.job import JobOptions, run_job
 from carebridge.engine.worker import Worker, WorkerOptions
 from carebridge.ingest.files.sources import split_path
 from carebridge.store.db import open_engine, sqlite_url
-from carebridge.store.schema import charge_lines, claim_lines, claims, encounters, work_items
+from carebridge.store.schema import (
+    charge_lines,
+    claim_lines,
+    claims,
+    encounters,
+    work_items,
+)
 
-from .conftest import DEMO
+from .conftest import DEMO, run_at_once
 
 SYNTHEA = DEMO / "data" / "synthea" / "csv"
 PATIENT = b"515991e2-40dd-22c1-c377-e0b71ad973b9"
@@ -283,29 +289,13 @@ def test_concurrent_claim_runs_write_once(
     engine: Engine, config: Configuration, tmp_path: Path, monkeypatch
 ) -> None:
     # A worker and an ingest may run the claims step at once on one database.
-    import threading
-
     from carebridge.engine import job
 
     alone = open_engine(sqlite_url(tmp_path / "alone.db"))
     run_job(alone, config, JobOptions(paths=[DEMO / "data"], out_dir=None))
     monkeypatch.setattr(job, "run_claims", lambda *args, **kwargs: None)
     run_job(engine, config, JobOptions(paths=[DEMO / "data"], out_dir=None))
-    start = threading.Barrier(3)
-    errors: list[BaseException] = []
-
-    def run_step() -> None:
-        start.wait()
-        try:
-            run_claims(engine, config, batch_size=20)
-        except BaseException as exc:  # noqa: BLE001 - collected for the assert
-            errors.append(exc)
-
-    threads = [threading.Thread(target=run_step) for _ in range(3)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
+    errors = run_at_once(lambda: run_claims(engine, config, batch_size=20), threads=3)
     assert errors == []
 
     def outcomes(database: Engine) -> dict[str, list[tuple[int, str]]]:

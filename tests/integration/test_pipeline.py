@@ -29,7 +29,7 @@ from carebridge.store.schema import (
     work_items,
 )
 
-from .conftest import DEMO, hl7
+from .conftest import DEMO, hl7, run_at_once
 
 AS_OF = dt.date(2024, 6, 1)
 
@@ -394,8 +394,6 @@ def test_claims_follow_arrival_order(
 def test_concurrent_posting_numbers_batches_apart(
     engine: Engine, config: Configuration, tmp_path: Path
 ) -> None:
-    import threading
-
     from carebridge.store.schema import charge_lines as lines_table
 
     for number in range(40):
@@ -406,19 +404,7 @@ def test_concurrent_posting_numbers_batches_apart(
         store_inputs(engine, split_path(write(tmp_path, f"m{number}.hl7", message)),
                      source="test")
     process_pending(engine, config, as_of=AS_OF)
-    errors: list[BaseException] = []
-
-    def post() -> None:
-        try:
-            post_journals(engine, config, slice_size=3)
-        except BaseException as exc:  # noqa: BLE001 - collected for the assert
-            errors.append(exc)
-
-    threads = [threading.Thread(target=post) for _ in range(3)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
+    errors = run_at_once(lambda: post_journals(engine, config, slice_size=3), threads=3)
     assert errors == []
     assert count(engine, lines_table, lines_table.c.journal_id.is_(None)) == 0
     assert count(engine, journal_lines) == 2 * count(engine, lines_table)
